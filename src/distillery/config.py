@@ -1,0 +1,240 @@
+"""Typed, validated run configuration.
+
+A config is YAML on disk, the same object in Python, and ``--set a.b=c`` on the
+command line.  Validation happens once, here, and every error names the field
+path and the allowed values (see :func:`load_config`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distillery.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Strict):
+    """Tensor-level augmentation for small images, applied to training batches only."""
+
+    pad_crop: int = Field(0, ge=0, description="Zero-pad by this many pixels, then random-crop back (0 = off).")
+    flip: bool = Field(False, description="Random horizontal flip with probability 0.5.")
+
+
+class DataConfig(_Strict):
+    """Where the data comes from and how it is split.
+
+    ``name`` picks the source:
+
+    * ``fashion_mnist`` -- IDX files from ``path``, ``$DISTILLERY_DATA``,
+      ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``)
+      or downloaded when ``download: true`` and the network allows.
+    * ``digits`` -- scikit-learn's 8x8 digits (always offline).
+    * ``image_folder`` -- ``path/<class_name>/*.png|jpg`` (needs Pillow).
+    * ``table`` -- a CSV or Parquet file at ``path``; ``label_column`` is the target,
+      ``feature_columns`` (default: all others) the numeric inputs.
+    * ``hf`` -- a Hugging Face ``datasets`` dataset: a Hub id or a local directory/file in
+      ``path``; ``input_column`` (image or text) and ``label_column``.
+    """
+
+    name: Literal["fashion_mnist", "digits", "image_folder", "table", "hf"] = "fashion_mnist"
+    path: str | None = None
+    download: bool = False
+    label_column: str = "label"
+    input_column: str | None = None
+    feature_columns: list[str] | None = None
+    image_size: int | None = Field(None, gt=0, description="Resize images to this square size (image_folder/hf).")
+    tokenizer: str | None = Field(None, description="Tokenizer (local dir or Hub id) for text inputs of an `hf` dataset.")
+    max_length: int = Field(128, gt=0, description="Token length for text inputs.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the training set held out for validation.")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share held out for test when the source has no test split.")
+    train_subset: int | None = Field(None, gt=0, description="Use only this many (stratified) training samples.")
+    split_seed: int = Field(0, description="Seed of the deterministic train/val/test split.")
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(512, gt=0)
+    augment: AugmentConfig = AugmentConfig()
+    trust_remote_code: bool = False
+
+
+class ModelSpec(_Strict):
+    """A model to build.
+
+    ``arch`` is a zoo name (``distillery models`` lists them), an import path
+    ``pkg.module:factory`` (called as ``factory(**kwargs)``), or ``hf:<dir or hub id>`` for
+    ``AutoModelFor{Image,Sequence}Classification``.  ``in_channels``, ``num_classes`` and
+    ``input_size`` are filled from the data unless given in ``kwargs``.
+    """
+
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="A .safetensors file (or a run directory) to initialise from.")
+    trust_remote_code: bool = False
+
+
+class TeacherConfig(_Strict):
+    """The teacher: a run directory written by ``distillery train`` (config + weights),
+    or a model spec whose ``weights`` point at a safetensors file."""
+
+    run: str | None = None
+    model: ModelSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if (self.run is None) == (self.model is None):
+            raise ValueError("give exactly one of `teacher.run` (a training run directory) or `teacher.model`")
+        return self
+
+
+class MethodConfig(_Strict):
+    name: str = "kd"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["constant", "cosine", "step", "linear"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_epochs: list[int] = Field(default_factory=list, description="Epochs at which `step` multiplies the LR by `gamma`.")
+    gamma: float = Field(0.1, gt=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N optimiser steps (0: at epoch ends only).")
+    eval_every: int = Field(1, ge=1, description="Validate every N epochs.")
+    seed: int = 0
+    cpu: bool = Field(False, description="Force CPU even when an accelerator is present.")
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    """Everything one run needs.  ``teacher`` is absent for a from-scratch run."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    student: ModelSpec
+    teacher: TeacherConfig | None = None
+    method: MethodConfig = MethodConfig(name="ce")
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v in {".", ".."}:
+            raise ValueError("must be a plain directory name (no '/')")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @model_validator(mode="after")
+    def _method_known(self) -> "RunConfig":
+        from distillery import methods
+
+        spec = methods.get_spec(self.method.name)  # raises ValueError listing the names
+        spec.validate_params(self.method.params)
+        if spec.needs_teacher and self.teacher is None:
+            raise ValueError(f"method '{self.method.name}' needs a teacher: add a `teacher:` section")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set a.b=VALUE`: VALUE is read as YAML, so `3`, `0.5`, `true`, `[1, 2]`, `null` work."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key, got '{item}' (e.g. --set train.epochs=3)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = _model_at(RunConfig, e["loc"][:-1])
+            if parent is not None:
+                msg += f"; allowed keys here: {', '.join(sorted(parent.model_fields))}"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    import typing
+
+    for key in loc:
+        field = model.model_fields.get(str(key)) if isinstance(key, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *typing.get_args(ann)]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def config_from_dict(raw: dict, source: str = "") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate.  Errors name the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (ready-made configs live in configs/, e.g. configs/kd.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level of a config must be a mapping of sections")
+    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
