@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine (Debian, Python 3.11, no GPU):
+#   make demo   -- set up, then distil a Fashion-MNIST teacher into a small student and compare
+#   make test   -- set up, then run the test suite (this is what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch (a local wheel on this kind of machine); override for CUDA, e.g.
+#   make setup TORCH_SPEC='torch==2.5.1'
+TORCH_SPEC ?= torch==2.13.0
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,hf,tables]"
+	touch $@
+
+# Fashion-MNIST from Debian's package when we may install it; otherwise say how to get it.
+data:
+	@if [ -d "$(FMNIST)" ] || [ -n "$$DISTILLERY_DATA" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; \
+	else echo "note: Fashion-MNIST not found; run 'sudo apt-get install dataset-fashion-mnist' or set DISTILLERY_DATA"; fi
+
+demo: setup data
+	$(BIN)/distillery demo
+
+test: setup data
+	$(BIN)/python -m pytest
+
+bench: setup data
+	$(BIN)/python benchmarks/fmnist_classification.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,398 @@
+"""The training loop, written once, on Hugging Face Accelerate.
+
+It trains a teacher or baseline (method ``ce``) and distils (any other method) with the same
+code.  It knows nothing about any particular method: it runs the frozen teacher and the
+student with the taps the method asked for, hands their outputs to the method, sums the named
+loss terms it gets back, and steps the optimiser.
+
+Determinism and resume: the sample order of epoch ``e`` is a permutation drawn from a
+generator seeded with ``(seed, e)``; augmentation of step ``k`` uses a generator seeded with
+``(seed, k)``; the torch RNG is checkpointed.  A run resumed from any checkpoint therefore
+reaches the same final weights as an uninterrupted one on CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distillery import methods as method_registry
+from distillery.config import RunConfig, dump_config
+from distillery.data import DataBundle, Split, augment_batch, load_data
+from distillery.engine.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from distillery.engine.progress import ProgressBar
+from distillery.errors import DistilleryError, DivergenceError, ModelError, RunDirExistsError
+from distillery.methods.base import ModelOutput, Progress
+from distillery.models import build_model, count_parameters, forward_logits
+from distillery.taps import Taps
+
+
+class Interrupted(DistilleryError):
+    """Ctrl-C: a checkpoint was saved; the message says how to resume."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    student: nn.Module
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _move(inputs, device):
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
+def _rows(split: Split, index: torch.Tensor):
+    part = split.take(index)
+    return part.inputs, part.labels
+
+
+def _seeded(*parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(hash(tuple(parts)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def _check_model_fits(model: nn.Module, data: DataBundle, role: str) -> None:
+    """Run one real batch through a model: wrong channels / sizes / class counts fail here,
+    with a message that names the mismatch, instead of deep inside training."""
+    x, _ = _rows(data.train, torch.arange(min(2, len(data.train))))
+    try:
+        with torch.inference_mode():
+            was_training = model.training
+            model.eval()
+            logits = forward_logits(model, x)
+            model.train(was_training)
+    except RuntimeError as err:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else {k: tuple(v.shape) for k, v in x.items()}
+        raise ModelError(
+            f"the {role} cannot take this data's inputs {shape} ({str(err).splitlines()[0]}); "
+            f"check the {role}'s in_channels / input_size against the data "
+            f"(data has in_channels={data.in_channels}, input_size={data.input_size})"
+        ) from None
+    if logits.shape[-1] != data.num_classes:
+        raise ModelError(
+            f"the {role} predicts {logits.shape[-1]} classes but the data has {data.num_classes} "
+            f"({', '.join(data.class_names[:5])}{', ...' if data.num_classes > 5 else ''}); "
+            f"use a {role} trained on the same label set, or fix data.label_column"
+        )
+
+
+def load_teacher(cfg: RunConfig, data: DataBundle) -> nn.Module:
+    """Build the teacher from a training run directory or a model spec with safetensors weights."""
+    from distillery.config import load_config
+
+    tcfg = cfg.teacher
+    if tcfg.run is not None:
+        run = Path(tcfg.run)
+        weights = run / "model.safetensors"
+        if not (run / "config.yaml").is_file() or not weights.is_file():
+            raise ModelError(
+                f"teacher.run '{run}' is not a finished training run (expected config.yaml and model.safetensors); "
+                f"train one with `distillery train CONFIG` or point teacher.model.weights at a .safetensors file"
+            )
+        spec = load_config(run / "config.yaml").student.model_copy(update={"weights": str(weights)})
+    else:
+        spec = tcfg.model
+        if spec.weights is None:
+            raise ModelError("teacher.model.weights is missing: a teacher must be trained (a .safetensors file or run directory)")
+    teacher = build_model(spec, in_channels=data.in_channels, num_classes=data.num_classes, input_size=data.input_size)
+    _check_model_fits(teacher, data, "teacher")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, device, batch_size: int = 512) -> dict[str, float]:
+    """Top-1 accuracy and mean CE of ``model`` on a split (model put in eval mode, restored after)."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, len(split)
+    for start in range(0, n, batch_size):
+        x, y = _rows(split, torch.arange(start, min(start + batch_size, n)))
+        logits = forward_logits(model, _move(x, device)).float()
+        y = y.to(device)
+        correct += (logits.argmax(-1) == y).sum().item()
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    model.train(was_training)
+    return {"accuracy": correct / max(1, n), "loss": loss / max(1, n)}
+
+
+def _make_optimizer(cfg, params):
+    o = cfg.train.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _lr_factor(cfg, steps_per_epoch: int):
+    s = cfg.train.scheduler
+    total = cfg.train.epochs * steps_per_epoch
+    warm = s.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if s.name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        if s.name == "linear":
+            return max(0.0, 1 - (step - warm) / max(1, total - warm))
+        if s.name == "step":
+            return s.gamma ** sum(step >= e * steps_per_epoch for e in s.step_epochs)
+        return 1.0
+
+    return factor
+
+
+class _Trainable(nn.Module):
+    """Student + method in one module, so Accelerate/DDP wraps and syncs both."""
+
+    def __init__(self, student: nn.Module, method: nn.Module):
+        super().__init__()
+        self.student = student
+        self.method = method
+        self.taps: Taps | None = None
+
+    def forward(self, inputs, targets, teacher_out: ModelOutput | None, progress: Progress):
+        logits = forward_logits(self.student, inputs)
+        feats = self.taps.collect() if self.taps is not None else {}
+        return self.method(ModelOutput(logits, feats), teacher_out, targets, progress)
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise RunDirExistsError(
+                f"run directory {run_dir} already exists; pass --overwrite to replace it, --resume to continue it, "
+                f"or choose another name with --set name=NEW"
+            )
+        if not (run_dir / "config.yaml").is_file():
+            raise RunDirExistsError(f"refusing to overwrite {run_dir}: it does not look like a Distillery run (no config.yaml)")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    data: DataBundle | None = None,
+    student: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+) -> RunResult:
+    """Train ``cfg.student`` with ``cfg.method`` (distilling from ``cfg.teacher`` if the method
+    needs one).  Writes ``config.yaml``, ``metrics.jsonl``, checkpoints, ``model.safetensors``
+    and ``summary.json`` into ``cfg.run_dir``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t_start = time.perf_counter()
+    tc = cfg.train
+    accelerator = Accelerator(cpu=tc.cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    main = accelerator.is_main_process
+    run_dir = cfg.run_dir
+    if main:
+        run_dir = _prepare_run_dir(cfg, resume, overwrite)
+    accelerator.wait_for_everyone()
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None and (run_dir / "summary.json").is_file():
+        raise DistilleryError(f"{run_dir} already finished (summary.json exists); nothing to resume")
+    set_seed(tc.seed)
+    if main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+    data = data or load_data(cfg.data)
+    spec = method_registry.get_spec(cfg.method.name)
+    if spec.needs_teacher and teacher is None:
+        teacher = load_teacher(cfg, data)
+    elif teacher is not None:
+        _check_model_fits(teacher, data, "teacher")
+        teacher.eval().requires_grad_(False)
+    if student is None:
+        student = build_model(cfg.student, in_channels=data.in_channels, num_classes=data.num_classes, input_size=data.input_size)
+    _check_model_fits(student, data, "student")
+    try:
+        method = spec.cls(spec.validate_params(cfg.method.params), student=student, teacher=teacher, num_classes=data.num_classes)
+    except ValueError as err:
+        raise DistilleryError(f"method '{spec.name}': {err}") from None
+    device = accelerator.device
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.data.batch_size
+    global_batch = per_step * world
+    steps_per_epoch = max(1, len(data.train) // global_batch)  # drop the ragged last batch
+    total_steps = tc.epochs * steps_per_epoch
+
+    with ExitStack() as stack:
+        s_taps = stack.enter_context(Taps(student, method.student_taps)) if method.student_taps else None
+        t_taps = stack.enter_context(Taps(teacher, method.teacher_taps)) if method.teacher_taps else None
+
+        def run_teacher(x) -> ModelOutput | None:
+            if teacher is None:
+                return None
+            with torch.inference_mode():
+                logits = forward_logits(teacher, x)
+                feats = t_taps.collect() if t_taps else {}
+            # Inference tensors cannot be saved for backward: clone them out of inference mode.
+            return ModelOutput(logits.clone(), {k: v.clone() for k, v in feats.items()})
+
+        # Probe batch: lets the method build shape-dependent parts before the optimiser exists.
+        px, py = _rows(data.train, torch.arange(min(per_step, len(data.train))))
+        px = _move(px, device)
+        with torch.no_grad():
+            t_probe = run_teacher(px)
+            s_logits = forward_logits(student, px)
+            s_probe = ModelOutput(s_logits, s_taps.collect() if s_taps else {})
+        try:
+            method.setup(s_probe, t_probe)
+        except ValueError as err:
+            raise DistilleryError(f"method '{spec.name}': {err}") from None
+        method.to(device)
+
+        trainable = _Trainable(student, method)
+        trainable.taps = s_taps
+        optimizer = _make_optimizer(cfg, [p for p in trainable.parameters() if p.requires_grad])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, steps_per_epoch))
+        trainable, optimizer = accelerator.prepare(trainable, optimizer)
+        raw = accelerator.unwrap_model(trainable)
+
+        step, sums, count = 0, {}, 0
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, raw, optimizer)
+            step, sums, count = state["step"], state["sums"], state["count"]
+            scheduler.load_state_dict(state["scheduler"])
+            if main:
+                print(f"resumed from {ckpt} (step {step}/{total_steps})")
+
+        def checkpoint(rng: torch.Tensor | None = None) -> None:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(run_dir, step, raw, optimizer,
+                                {"step": step, "sums": sums, "count": count, "scheduler": scheduler.state_dict()}, rng=rng)
+
+        teacher_acc = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)["accuracy"] if teacher is not None else None
+        bar = ProgressBar(total_steps, enabled=main and tc.progress, initial=step, title=f"{cfg.name} [{spec.name}]")
+        metrics_path = run_dir / "metrics.jsonl"
+        train_time, samples_seen, val_acc = 0.0, 0, float("nan")
+        rng_at_step: torch.Tensor | None = None
+        try:
+            with bar:
+                while step < total_steps:
+                    epoch, in_epoch = divmod(step, steps_per_epoch)
+                    order = torch.randperm(len(data.train), generator=_seeded(tc.seed, epoch))
+                    t_epoch = time.perf_counter()
+                    for b in range(in_epoch, steps_per_epoch):
+                        rows = order[b * global_batch:(b + 1) * global_batch][rank::world]
+                        x, y = _rows(data.train, rows)
+                        if data.kind == "image" and (cfg.data.augment.pad_crop or cfg.data.augment.flip):
+                            x = augment_batch(x, cfg.data.augment, _seeded(tc.seed, step, 1))
+                        x, y = _move(x, device), y.to(device)
+                        progress = Progress(epoch=step / steps_per_epoch, step=step, total_steps=total_steps)
+                        rng_at_step = torch.get_rng_state()  # an interrupt mid-step resumes from here
+                        with accelerator.accumulate(trainable):
+                            teacher_out = run_teacher(x)
+                            with accelerator.autocast():
+                                terms = trainable(x, y, teacher_out, progress)
+                            for name, value in terms.items():
+                                if not torch.isfinite(value).all():
+                                    raise DivergenceError(
+                                        f"loss term '{name}' became {value.item()} at step {step} (epoch {epoch}); "
+                                        f"lower train.optimizer.lr, set train.grad_clip, or check the inputs"
+                                    )
+                            loss = sum(terms.values())
+                            accelerator.backward(loss)
+                            if tc.grad_clip and accelerator.sync_gradients:
+                                accelerator.clip_grad_norm_(trainable.parameters(), tc.grad_clip)
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
+                        step += 1
+                        count += 1
+                        for name, value in {"loss": loss, **terms}.items():
+                            sums[name] = sums.get(name, 0.0) + float(value.detach())
+                        bar.step(loss=sums["loss"] / count, samples=global_batch)
+                        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step % steps_per_epoch:
+                            checkpoint()
+                    # ---- end of epoch
+                    elapsed = time.perf_counter() - t_epoch
+                    train_time += elapsed
+                    samples_seen += (steps_per_epoch - in_epoch) * global_batch
+                    row = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                           "epoch_seconds": elapsed,
+                           "samples_per_second": (steps_per_epoch - in_epoch) * global_batch / max(elapsed, 1e-9),
+                           **{f"train_{k}": v / max(1, count) for k, v in sums.items()}}
+                    if (epoch + 1) % tc.eval_every == 0 or step == total_steps:
+                        val = evaluate(raw.student, data.val, device, cfg.data.eval_batch_size) if len(data.val) else {}
+                        val_acc = val.get("accuracy", float("nan"))
+                        row.update({"val_accuracy": val.get("accuracy"), "val_loss": val.get("loss")})
+                    if teacher_acc is not None:
+                        row["teacher_test_accuracy"] = teacher_acc
+                    sums, count = {}, 0
+                    if main:
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    bar.set(val_acc=val_acc)
+                    checkpoint()
+        except KeyboardInterrupt:
+            checkpoint(rng_at_step)
+            raise Interrupted(
+                f"interrupted at step {step}/{total_steps}; checkpoint saved in {run_dir}/checkpoints. "
+                f"Resume with the same command plus --resume"
+            ) from None
+
+    accelerator.wait_for_everyone()
+    student = raw.student
+    test = evaluate(student, data.test, device, cfg.data.eval_batch_size)
+    summary = {
+        "name": cfg.name,
+        "method": spec.name,
+        "student": cfg.student.arch,
+        "data": cfg.data.name,
+        "seed": tc.seed,
+        "epochs": tc.epochs,
+        "train_samples": len(data.train),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "val_accuracy": val_acc,
+        "params": count_parameters(student),
+        "wall_seconds": time.perf_counter() - t_start,
+        "train_seconds": train_time,
+        "train_samples_per_second": samples_seen / max(train_time, 1e-9),
+        "data_fingerprint": data.fingerprint,
+    }
+    if teacher is not None:
+        summary.update({"teacher_test_accuracy": teacher_acc, "teacher_params": count_parameters(teacher)})
+    if main:
+        from safetensors.torch import save_model
+
+        tmp = run_dir / "model.safetensors.tmp"
+        save_model(student, str(tmp))
+        tmp.replace(run_dir / "model.safetensors")
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return RunResult(run_dir, summary, student)

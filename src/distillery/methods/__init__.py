@@ -1,0 +1,73 @@
+"""Registry of distillation methods: ``method: {name: kd, params: {...}}`` in a config.
+
+A method is a small module (see :mod:`distillery.methods.base`) registered by name with its
+parameter model.  ``available()`` feeds ``distillery methods`` and the README's list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+from distillery.methods.base import Method, ModelOutput, Params, Progress
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    cls: type[Method]
+    params: type[Params]
+    needs_teacher: bool
+    description: str
+    paper: str
+
+    def validate_params(self, raw: dict[str, Any] | Params) -> Params:
+        if isinstance(raw, Params):
+            return raw
+        try:
+            return self.params.model_validate(raw or {})
+        except ValidationError as err:
+            allowed = ", ".join(
+                f"{k} (default {f.default!r})" for k, f in self.params.model_fields.items()
+            ) or "none"
+            problems = "; ".join(
+                f"method.params.{'.'.join(map(str, e['loc']))}: "
+                + ("unknown parameter" if e["type"] == "extra_forbidden" else e["msg"])
+                for e in err.errors()
+            )
+            raise ValueError(f"{problems}. Parameters of '{self.name}': {allowed}") from None
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, *, params: type[Params], needs_teacher: bool = True, paper: str = "") -> Callable:
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"method '{name}' registered twice")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        _REGISTRY[name] = MethodSpec(name, cls, params, needs_teacher, doc[0] if doc else "", paper)
+        return cls
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Importing the modules runs their @register decorators.
+    from distillery.methods import feature, logit  # noqa: F401
+
+
+def available() -> dict[str, MethodSpec]:
+    _load_builtin()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_spec(name: str) -> MethodSpec:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+__all__ = ["Method", "MethodSpec", "ModelOutput", "Params", "Progress", "available", "get_spec", "register"]

@@ -1,0 +1,77 @@
+"""Automatic projectors: make a student feature comparable with a teacher feature.
+
+Built from the shapes seen on a probe batch, so teacher and student may be of different
+families and widths (CNN -> MLP, CNN -> ViT, ...).  The rules, in order:
+
+* same shape: identity;
+* both maps (N, C, H, W): the student map is average-pooled (or upsampled) to the teacher's
+  H x W, then a 1x1 conv + BN maps its channels -- the FitNets regressor (Romero et al. 2015);
+* otherwise both are reduced to vectors (global average over space or tokens), and a linear
+  layer maps the student's width to the teacher's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _to_vector(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 4:  # (N, C, H, W)
+        return x.mean(dim=(2, 3))
+    if x.dim() == 3:  # (N, L, D) tokens
+        return x.mean(dim=1)
+    return x.flatten(1)
+
+
+class Align(nn.Module):
+    """``align(student_feat, teacher_feat) -> (projected_student, teacher_target)``."""
+
+    def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size, *, learnable: bool = True):
+        super().__init__()
+        s, t = tuple(student_shape[1:]), tuple(teacher_shape[1:])
+        self.mode = "identity"
+        self.proj: nn.Module = nn.Identity()
+        if s == t:
+            return
+        if len(s) == 3 and len(t) == 3:
+            self.mode = "map"
+            self.size = t[1:]
+            if s[0] != t[0] and learnable:
+                self.proj = nn.Sequential(nn.Conv2d(s[0], t[0], 1, bias=False), nn.BatchNorm2d(t[0]))
+            elif s[0] != t[0]:
+                raise ValueError(f"feature channels differ ({s[0]} vs {t[0]}) and no projector is allowed")
+        else:
+            self.mode = "vector"
+            ds, dt = _to_vector(torch.zeros(1, *s)).shape[1], _to_vector(torch.zeros(1, *t)).shape[1]
+            if ds != dt:
+                if not learnable:
+                    raise ValueError(f"feature widths differ ({ds} vs {dt}) and no projector is allowed")
+                self.proj = nn.Linear(ds, dt)
+
+    def forward(self, s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "map":
+            if s.shape[-2:] != t.shape[-2:]:
+                s = F.adaptive_avg_pool2d(s, self.size) if s.shape[-1] >= t.shape[-1] else F.interpolate(
+                    s, size=self.size, mode="bilinear", align_corners=False)
+            return self.proj(s), t
+        if self.mode == "vector":
+            return self.proj(_to_vector(s)), _to_vector(t)
+        return s, t
+
+
+def default_pairs(student: nn.Module, teacher_layers: list[str] | None, n: int = 1) -> list[tuple[str, str]]:
+    """Pair the deepest ``n`` stages of the student with those of the teacher.
+
+    Zoo models list their stages in ``default_feature_layers``; other models need explicit
+    ``pairs`` in the method parameters.
+    """
+    s_layers = list(getattr(student, "default_feature_layers", []) or [])
+    t_layers = list(teacher_layers or [])
+    if not s_layers or not t_layers:
+        raise ValueError(
+            "cannot choose feature layers automatically for a model without `default_feature_layers`; "
+            "give method.params.pairs, e.g. [{student: layer3, teacher: layer3}] (module paths)"
+        )
+    n = min(n, len(s_layers), len(t_layers))
+    return list(zip(s_layers[-n:], t_layers[-n:]))

@@ -1,0 +1,73 @@
+"""The one narrow interface between the training engine and every distillation method.
+
+The engine runs the models; a method only turns their outputs into named loss terms:
+
+    terms = method(student_out, teacher_out, targets, progress)   # dict[str, scalar tensor]
+
+``student_out`` / ``teacher_out`` carry logits and the features captured at the taps the
+method asked for (``student_taps`` / ``teacher_taps``).  The engine sums the terms, logs each
+one by name, and never looks at which method it is running.  A method is an ``nn.Module`` so
+that its learnable parts (projectors, auxiliary heads) and its state (schedules, kept as
+buffers) are trained and checkpointed with the student.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class Params(BaseModel):
+    """Base of every method's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """Where training is: lets a method schedule its weights (e.g. DKD's warm-up)."""
+
+    epoch: float  # fractional epochs completed, e.g. 2.5
+    step: int
+    total_steps: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+class Method(nn.Module):
+    """Subclass, declare ``Params`` and register with :func:`distillery.methods.register`."""
+
+    student_taps: list[str]
+    teacher_taps: list[str]
+
+    def __init__(self, params: Params, *, student: nn.Module, teacher: nn.Module | None, num_classes: int):
+        # ``teacher`` is for reading metadata (e.g. layer names) only; never store it: its
+        # weights must stay out of the optimiser and the checkpoint.
+        super().__init__()
+        self.params = params
+        self.num_classes = num_classes
+        self.student_taps = []
+        self.teacher_taps = []
+
+    def setup(self, student_out: ModelOutput, teacher_out: ModelOutput | None) -> None:
+        """Called once with outputs of a probe batch, before the optimiser exists:
+        build whatever depends on feature shapes (e.g. projectors)."""
+
+    def forward(
+        self,
+        student_out: ModelOutput,
+        teacher_out: ModelOutput | None,
+        targets: torch.Tensor,
+        progress: Progress,
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

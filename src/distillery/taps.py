@@ -1,0 +1,92 @@
+"""Capture intermediate features with forward hooks, addressed by module path.
+
+Any model works unmodified -- the zoo's, torchvision's, timm's, Hugging Face's or the
+user's own: a tap names a submodule by its dotted path (``layer3``,
+``encoder.layer.5.output``) and the hook records its output.  ``path:input`` records the
+module's first positional input instead (``head:input`` is the penultimate feature of
+every zoo model).  This module is the only place in Distillery that registers hooks.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from distillery.errors import ModelError
+
+
+def _first_tensor(value):
+    """Hugging Face blocks return tuples or ModelOutputs; the hidden state comes first."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "last_hidden_state"):
+        return value.last_hidden_state
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise ModelError(f"tapped module returned {type(value).__name__}, not a tensor")
+
+
+def resolve(model: nn.Module, tap: str) -> tuple[nn.Module, bool]:
+    """Return (module, capture_input) for a tap name; a clear error lists nearby names."""
+    path, _, kind = tap.partition(":")
+    if kind not in ("", "input", "output"):
+        raise ModelError(f"tap '{tap}': the suffix must be ':input' or ':output'")
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        hint = ", ".join(names[:25]) + (" ..." if len(names) > 25 else "")
+        raise ModelError(
+            f"no module '{path}' in {type(model).__name__}; tap one of: {hint} "
+            "(`distillery inspect` or `model.named_modules()` lists all)"
+        ) from None
+    return module, kind == "input"
+
+
+class Taps:
+    """Context manager: ``with Taps(model, ["layer2", "head:input"]) as taps: model(x); taps["layer2"]``.
+
+    The hooks stay registered until the context exits, so a training loop opens it once and
+    calls :meth:`clear` per step.  Features keep their autograd graph (student side); the
+    caller decides whether to detach.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]):
+        self.model = model
+        self.names = list(dict.fromkeys(names))
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        for name in self.names:  # resolve eagerly so a typo fails before training starts
+            resolve(model, name)
+
+    def __enter__(self) -> "Taps":
+        for name in self.names:
+            module, capture_input = resolve(self.model, name)
+            if capture_input:
+                def pre_hook(_m, args, _name=name):
+                    self.features[_name] = _first_tensor(args)
+                self._handles.append(module.register_forward_pre_hook(pre_hook))
+            else:
+                def hook(_m, _args, out, _name=name):
+                    self.features[_name] = _first_tensor(out)
+                self._handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.features = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.features[name]
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        missing = [n for n in self.names if n not in self.features]
+        if missing:
+            raise ModelError(f"taps {missing} were not reached by the forward pass (is the module used in forward()?)")
+        out, self.features = self.features, {}
+        return out

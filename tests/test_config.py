@@ -1,0 +1,70 @@
+import pytest
+
+from distillery.config import apply_overrides, config_from_dict, load_config
+from distillery.errors import ConfigError
+from conftest import ROOT
+
+BASE = {"student": {"arch": "mlp"}}
+
+
+def test_defaults_validate():
+    cfg = config_from_dict(dict(BASE))
+    assert cfg.method.name == "ce" and cfg.train.epochs == 10 and cfg.teacher is None
+
+
+def test_unknown_key_names_path_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**BASE, "train": {"epochz": 3}})
+    msg = str(e.value)
+    assert "train.epochz" in msg and "unknown key" in msg and "epochs" in msg
+
+
+def test_wrong_type_and_literal_named():
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        config_from_dict({**BASE, "train": {"epochs": "many"}})
+    with pytest.raises(ConfigError, match=r"data\.name.*'fashion_mnist'.*got 'mnist'"):
+        config_from_dict({**BASE, "data": {"name": "mnist"}})
+
+
+def test_unknown_method_lists_available():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**BASE, "method": {"name": "kdd"}, "teacher": {"run": "x"}})
+    assert "unknown method 'kdd'" in str(e.value) and "dkd" in str(e.value)
+
+
+def test_bad_method_param_lists_allowed():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**BASE, "method": {"name": "kd", "params": {"temp": 2}}, "teacher": {"run": "x"}})
+    assert "method.params.temp" in str(e.value) and "temperature" in str(e.value)
+
+
+def test_method_needing_teacher_without_teacher():
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        config_from_dict({**BASE, "method": {"name": "kd"}})
+
+
+def test_teacher_needs_exactly_one_source():
+    with pytest.raises(ConfigError, match="exactly one"):
+        config_from_dict({**BASE, "method": {"name": "kd"}, "teacher": {}})
+
+
+def test_overrides_parse_yaml_values():
+    raw = apply_overrides({"train": {"epochs": 1}}, ["train.epochs=3", "train.optimizer.lr=0.01", "data.augment.flip=true", "name=x"])
+    assert raw == {"train": {"epochs": 3, "optimizer": {"lr": 0.01}}, "data": {"augment": {"flip": True}}, "name": "x"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["train.epochs"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.student.arch
