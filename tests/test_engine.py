@@ -1,4 +1,5 @@
 import json
+import signal
 
 import pytest
 import torch
@@ -62,7 +63,10 @@ def test_cross_family_feature_distillation_cnn_to_mlp(tmp_path, teacher_run):
     assert res.summary["test_accuracy"] > 0.1
 
 
-def test_resume_reaches_same_weights(tmp_path, teacher_run, monkeypatch):
+@pytest.mark.parametrize("how", ["sigint", "hard"])
+def test_resume_reaches_same_weights(tmp_path, teacher_run, monkeypatch, how):
+    """sigint: a first Ctrl-C (finish the step, save, stop); hard: an exception mid-step
+    (resume from the last periodic checkpoint)."""
     common = dict(teacher={"run": str(teacher_run.run_dir)}, method={"name": "kd"},
                   student={"arch": "cnn", "kwargs": {"width": 4}},
                   data={"name": "digits", "batch_size": 32, "augment": {"pad_crop": 1, "flip": True}},
@@ -74,8 +78,10 @@ def test_resume_reaches_same_weights(tmp_path, teacher_run, monkeypatch):
 
     def flaky_step(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 50:  # "Ctrl-C" in the middle of epoch 2
-            raise KeyboardInterrupt
+        if calls["n"] == 50:  # in the middle of epoch 2, and of a step
+            if how == "hard":
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return real_step(self, *a, **k)
 
     cfg_b = tiny_cfg(tmp_path / "b", **common)
@@ -83,7 +89,8 @@ def test_resume_reaches_same_weights(tmp_path, teacher_run, monkeypatch):
     with pytest.raises(Interrupted, match="--resume"):
         fit(cfg_b)
     monkeypatch.setattr(torch.optim.Adam, "step", real_step)
-    assert (cfg_b.run_dir / "checkpoints" / "latest").is_file()
+    latest = (cfg_b.run_dir / "checkpoints" / "latest").read_text()
+    assert latest == ("step-00000050" if how == "sigint" else "step-00000049")
     resumed = fit(cfg_b, resume=True)
     a = load_file(str(full.run_dir / "model.safetensors"))
     b = load_file(str(resumed.run_dir / "model.safetensors"))

@@ -163,16 +163,20 @@ def _stack_images(
     open_image: Callable[[Any], Any],
     name_of: Callable[[int], str],
     image_size: int | None,
+    like: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode images into one uint8 ``(N, C, H, W)`` tensor.
 
     Gray (C=1) or RGB (C=3) is decided by the majority of the images (ties go to RGB);
     all are converted to it.  Every image is resized to ``image_size`` (square) if given,
-    else to the size of the first image.  ``open_image(item)`` returns a PIL image;
-    ``name_of(i)`` names item ``i`` in errors.
+    else to the size of the first image.  With ``like`` (an already decoded batch, e.g. the
+    train split) its channel count and size are used instead, so all splits match.
+    ``open_image(item)`` returns a PIL image; ``name_of(i)`` names item ``i`` in errors.
     """
     Image = _import_pil()
     if not items:
+        if like is not None:
+            return like[:0].clone()
         raise DataError("no images to load")
 
     def _open(i: int):
@@ -199,6 +203,9 @@ def _stack_images(
     counts = Counter(modes)
     mode = "L" if counts["L"] > counts["RGB"] else "RGB"
     width, height = (image_size, image_size) if image_size else first_size
+    if like is not None:
+        mode = "L" if like.shape[1] == 1 else "RGB"
+        height, width = like.shape[-2:]
     channels = 1 if mode == "L" else 3
 
     # Pass 2: decode, convert, resize.
@@ -357,18 +364,18 @@ def fashion_mnist(cfg: DataConfig) -> RawData:
     if cfg.path and not Path(cfg.path).expanduser().exists():
         raise _fmnist_not_found(described)
     found = None
+    incomplete = ""
     for d in dirs:
         files = {key: _fmnist_file(d, stem) for key, stem in _FMNIST_FILES.items()}
         if all(files.values()):
             found = d, files
             break
-        present = [k for k, f in files.items() if f]
-        if present:  # a partial set is worth pointing out
+        if any(files.values()):  # a partial set is worth pointing out
             missing = [_FMNIST_FILES[k] + ".gz" for k in files if not files[k]]
-            described = [*described, f"{d} (lacks {', '.join(missing)})"]
+            incomplete += f" {d} is incomplete: it lacks {', '.join(missing)}."
     if found is None:
         if not cfg.download:
-            raise _fmnist_not_found(described)
+            raise _fmnist_not_found(described, incomplete)
         env = os.environ.get("DISTILLERY_DATA")
         dest = Path(env).expanduser() if env else _fmnist_cache_dir()
         _download_fmnist(dest, described)
@@ -559,7 +566,7 @@ def table(cfg: DataConfig) -> RawData:
             f"non-numeric feature columns in {path}: {', '.join(non_numeric)}. "
             "Encode them as numbers, or leave them out with data.feature_columns"
         )
-    x = df[features].to_numpy(dtype=np.float64)
+    x = np.array(df[features].to_numpy(dtype=np.float64), copy=True)  # writable, owned
     bad = [c for c, ok in zip(features, np.isfinite(x).all(axis=0)) if not ok]
     if bad:
         raise DataError(f"feature columns with missing or infinite values in {path}: {', '.join(bad)}")
@@ -568,7 +575,7 @@ def table(cfg: DataConfig) -> RawData:
         kind="table",
         class_names=class_names,
         source=f"table {path} ({len(df)} rows, {len(features)} features)",
-        train=RawSplit(torch.from_numpy(np.ascontiguousarray(x)), _labels_tensor(codes)),
+        train=RawSplit(torch.from_numpy(x), _labels_tensor(codes)),
         feature_names=list(features),
     )
 
@@ -684,7 +691,7 @@ def _hf_input_kind(datasets, features, column: str) -> str:
     )
 
 
-def _hf_images(split, column: str, cfg: DataConfig, split_name: str) -> torch.Tensor:
+def _hf_images(split, column: str, cfg: DataConfig, split_name: str, like: torch.Tensor | None = None) -> torch.Tensor:
     Image = _import_pil()
     values = list(split[column])
 
@@ -704,7 +711,7 @@ def _hf_images(split, column: str, cfg: DataConfig, split_name: str) -> torch.Te
             arr = arr.transpose(1, 2, 0)  # CHW -> HWC
         return Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
 
-    return _stack_images(values, open_image, lambda i: f"{split_name}[{i}].{column}", cfg.image_size)
+    return _stack_images(values, open_image, lambda i: f"{split_name}[{i}].{column}", cfg.image_size, like)
 
 
 def _hf_tokenize(texts_by_split: dict[str, list], cfg: DataConfig, column: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -808,14 +815,11 @@ def hf(cfg: DataConfig) -> RawData:
         codes, class_names = _encode_labels(list(raw_labels.values()), f"label column '{cfg.label_column}'")
         labels = dict(zip(raw_labels, codes))
 
-    if kind == "image":
-        inputs = {part: _hf_images(ds[key], column, cfg, key) for part, key in keys.items()}
-        shapes = {tuple(x.shape[1:]) for x in inputs.values()}
-        if len(shapes) > 1:  # e.g. a gray test split next to an RGB train split
-            raise DataError(
-                f"the splits of {where} decode to different image shapes {sorted(shapes)}; set data.image_size "
-                "and make the splits all gray or all colour"
-            )
+    if kind == "image":  # train first: the other splits take its channels and size
+        inputs = {"train": _hf_images(ds[train_key], column, cfg, train_key)}
+        for part, key in keys.items():
+            if part != "train":
+                inputs[part] = _hf_images(ds[key], column, cfg, key, like=inputs["train"])
     else:
         texts = {part: list(ds[key][column]) for part, key in keys.items()}
         inputs = _hf_tokenize(texts, cfg, column)

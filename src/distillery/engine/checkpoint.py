@@ -32,8 +32,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, trainable: torch.nn.Module, optimizer, state: dict[str, Any], keep: int = 2,
-                    rng: torch.Tensor | None = None) -> Path:
+def save_checkpoint(run_dir: Path, step: int, trainable: torch.nn.Module, optimizer, state: dict[str, Any], keep: int = 2) -> Path:
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:08d}"
@@ -42,7 +41,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: torch.nn.Module, optimi
     tmp.mkdir()
     save_model(trainable, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state() if rng is None else rng}, tmp / "rng.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     if final.exists():
         shutil.rmtree(final)

@@ -159,6 +159,35 @@ def _lr_factor(cfg, steps_per_epoch: int):
     return factor
 
 
+class _GracefulStop:
+    """First Ctrl-C asks the loop to stop after the current step (so the checkpoint is clean);
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort now) ...", flush=True)
+
+    def __enter__(self) -> "_GracefulStop":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 class _Trainable(nn.Module):
     """Student + method in one module, so Accelerate/DDP wraps and syncs both."""
 
@@ -289,17 +318,17 @@ def fit(
             if main:
                 print(f"resumed from {ckpt} (step {step}/{total_steps})")
 
-        def checkpoint(rng: torch.Tensor | None = None) -> None:
+        def checkpoint() -> None:
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(run_dir, step, raw, optimizer,
-                                {"step": step, "sums": sums, "count": count, "scheduler": scheduler.state_dict()}, rng=rng)
+                                {"step": step, "sums": sums, "count": count, "scheduler": scheduler.state_dict()})
 
         teacher_acc = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)["accuracy"] if teacher is not None else None
         bar = ProgressBar(total_steps, enabled=main and tc.progress, initial=step, title=f"{cfg.name} [{spec.name}]")
         metrics_path = run_dir / "metrics.jsonl"
         train_time, samples_seen, val_acc = 0.0, 0, float("nan")
-        rng_at_step: torch.Tensor | None = None
+        stop = stack.enter_context(_GracefulStop())
         try:
             with bar:
                 while step < total_steps:
@@ -313,7 +342,6 @@ def fit(
                             x = augment_batch(x, cfg.data.augment, _seeded(tc.seed, step, 1))
                         x, y = _move(x, device), y.to(device)
                         progress = Progress(epoch=step / steps_per_epoch, step=step, total_steps=total_steps)
-                        rng_at_step = torch.get_rng_state()  # an interrupt mid-step resumes from here
                         with accelerator.accumulate(trainable):
                             teacher_out = run_teacher(x)
                             with accelerator.autocast():
@@ -336,6 +364,12 @@ def fit(
                         for name, value in {"loss": loss, **terms}.items():
                             sums[name] = sums.get(name, 0.0) + float(value.detach())
                         bar.step(loss=sums["loss"] / count, samples=global_batch)
+                        if stop.requested:  # Ctrl-C: finish the step, save a clean checkpoint, stop
+                            checkpoint()
+                            raise Interrupted(
+                                f"interrupted at step {step}/{total_steps}; checkpoint saved in {run_dir}/checkpoints. "
+                                f"Resume with the same command plus --resume"
+                            )
                         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step % steps_per_epoch:
                             checkpoint()
                     # ---- end of epoch
@@ -358,11 +392,12 @@ def fit(
                             f.write(json.dumps(row) + "\n")
                     bar.set(val_acc=val_acc)
                     checkpoint()
-        except KeyboardInterrupt:
-            checkpoint(rng_at_step)
+        except KeyboardInterrupt:  # a second Ctrl-C: the state is mid-step, so keep the last clean checkpoint
+            last = latest_checkpoint(run_dir)
             raise Interrupted(
-                f"interrupted at step {step}/{total_steps}; checkpoint saved in {run_dir}/checkpoints. "
-                f"Resume with the same command plus --resume"
+                f"interrupted mid-step at step {step}/{total_steps}; "
+                + (f"the last checkpoint is {last}. Resume with the same command plus --resume" if last
+                   else "no checkpoint was written yet; rerun with --overwrite")
             ) from None
 
     accelerator.wait_for_everyone()

@@ -52,7 +52,8 @@ def attention_map(feat: Tensor, p: float = 2) -> Tensor:
 
     Zagoruyko & Komodakis (2017), "Paying More Attention to Attention: Improving the
     Performance of Convolutional Neural Networks via Attention Transfer", ICLR: the
-    activation-based map F^p_mean, flattened and L2-normalised per sample. (N, C, H, W) maps
+    activation-based map F^p_mean, flattened and L2-normalised per sample (the paper's F^p_sum
+    gives the same normalised map, as the two differ by the constant factor C). (N, C, H, W) maps
     give H*W positions; (N, L, D) token features give L positions (mean over D).
     """
     if not p > 0:

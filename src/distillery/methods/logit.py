@@ -47,7 +47,7 @@ class _WeightedKD(Method):
 
 @register("kd", params=KDParams, paper="Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network")
 class KD(_WeightedKD):
-    """Hinton KD: KL(teacher_T || student_T) * T^2 mixed with label cross-entropy."""
+    """Hinton KD: KL(teacher_T ‖ student_T) * T^2 mixed with label cross-entropy."""
 
     term = "kd"
 
@@ -61,7 +61,7 @@ class RKLParams(KDParams):
 
 @register("rkl", params=RKLParams, paper="reverse KL, as used in MiniLLM (Gu et al. 2024) and GKD (Agarwal et al. 2024)")
 class ReverseKL(_WeightedKD):
-    """Reverse KL(student || teacher): mode-seeking distillation, mixed with label CE."""
+    """Reverse KL(student ‖ teacher): mode-seeking distillation, mixed with label CE."""
 
     term = "rkl"
 

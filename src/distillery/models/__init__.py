@@ -57,6 +57,7 @@ def build_model(
         "num_classes": num_classes,
         "input_size": tuple(input_size) if input_size is not None else None,
     }
+    effective_num_classes = kwargs.get("num_classes", num_classes)
     arch = spec.arch.strip()
     if arch.startswith("hf:"):
         data_kwargs.update({k: kwargs.pop(k) for k in adapters.DATA_KWARGS if k in kwargs})
@@ -72,14 +73,14 @@ def build_model(
     else:
         model = _build_zoo_model(arch, kwargs, data_kwargs)
     if spec.weights:
-        load_weights(model, spec.weights, num_classes=kwargs.get("num_classes", num_classes))
+        load_weights(model, spec.weights, num_classes=effective_num_classes)
     return model
 
 
 def _build_zoo_model(arch: str, kwargs: dict[str, Any], data_kwargs: dict[str, Any]) -> nn.Module:
     factory = zoo.get_factory(arch)
-    allowed = adapters._accepted_names(factory)
-    unknown = sorted(set(kwargs) - allowed)
+    allowed = adapters.accepted_names(factory)
+    unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         own = [n for n in allowed if n not in adapters.DATA_KWARGS]
         raise ModelError(

@@ -54,13 +54,13 @@ def _import_module(module_name: str, arch: str):
         raise ModelError(f"model '{arch}': importing '{module_name}' raised {type(err).__name__}: {err}") from err
 
 
-def _accepted_names(factory: Any) -> set[str]:
-    """Parameter names ``factory`` accepts by keyword (empty when it cannot be inspected)."""
+def accepted_names(factory: Any) -> list[str]:
+    """Parameter names ``factory`` accepts by keyword, in order (empty when it cannot be inspected)."""
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
-        return set()
-    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def build_from_import_path(arch: str, kwargs: dict[str, Any], data_kwargs: dict[str, Any]) -> nn.Module:
@@ -81,7 +81,7 @@ def build_from_import_path(arch: str, kwargs: dict[str, Any], data_kwargs: dict[
     if not callable(obj):
         raise ModelError(f"model '{arch}': '{attr}' is a {type(obj).__name__}, not a callable that builds a model")
 
-    accepted = _accepted_names(obj)
+    accepted = accepted_names(obj)
     call_kwargs = {k: v for k, v in data_kwargs.items() if k in accepted and k not in kwargs}
     call_kwargs.update(kwargs)
     try:
