@@ -43,7 +43,7 @@ def friendly(fn):
     return wrapper
 
 
-def _run(config: Path, overrides, resume: bool, overwrite: bool, need_teacher: bool | None):
+def _run(config: Path, overrides, resume: bool, overwrite: bool, need_teacher: bool | None, rebuild_cache: bool = False):
     from distillery.config import load_config
     from distillery.engine import fit
     from distillery.errors import ConfigError
@@ -53,7 +53,7 @@ def _run(config: Path, overrides, resume: bool, overwrite: bool, need_teacher: b
         raise ConfigError(f"{config}: `distillery distill` needs a `teacher:` section (use `distillery train` for a from-scratch run)")
     if need_teacher is False and cfg.method.name != "ce":
         raise ConfigError(f"{config}: `distillery train` trains on labels (method ce); use `distillery distill` for method '{cfg.method.name}'")
-    result = fit(cfg, resume=resume, overwrite=overwrite)
+    result = fit(cfg, resume=resume, overwrite=overwrite, rebuild_cache=rebuild_cache)
     _print_summary(result.summary, result.run_dir)
 
 
@@ -81,9 +81,10 @@ def train(config: Path, set: Optional[List[str]] = SetOpt,
 @friendly
 def distill(config: Path, set: Optional[List[str]] = SetOpt,
             resume: bool = typer.Option(False, help="Continue from the run's last checkpoint."),
-            overwrite: bool = typer.Option(False, help="Replace an existing run directory.")):
+            overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+            rebuild_cache: bool = typer.Option(False, help="Rebuild a stale teacher cache instead of refusing it.")):
     """Distil the config's teacher into its student."""
-    _run(config, set, resume, overwrite, need_teacher=True)
+    _run(config, set, resume, overwrite, need_teacher=True, rebuild_cache=rebuild_cache)
 
 
 @app.command("eval")
@@ -123,6 +124,26 @@ def demo(output_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo
     run_demo(output_dir, quick=quick, console=console)
 
 
+cache_app = typer.Typer(help="Teacher-output cache: run the teacher once, distil many times.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("build")
+@friendly
+def cache_build(config: Path, set: Optional[List[str]] = SetOpt,
+                rebuild: bool = typer.Option(False, help="Rebuild even if a store exists (required when it is stale)."),
+                dtype: Optional[str] = typer.Option(None, help="float16 (default) or float32."),
+                views: Optional[int] = typer.Option(None, help="Augmented views per sample (reinforced dataset)."),
+                topk: Optional[int] = typer.Option(None, help="Store top-k log-probabilities instead of dense logits.")):
+    """Run the config's teacher over its training set and store the outputs."""
+    from distillery.cache.build import build_from_config
+
+    extra = [f"teacher.cache.{k}={v}" for k, v in (("dtype", dtype), ("views", views), ("topk", topk)) if v is not None]
+    manifest = build_from_config(config, list(set or []) + extra, rebuild=rebuild)
+    console.print_json(json.dumps({k: manifest[k] for k in ("num_samples", "views", "topk", "dtype", "taps", "bytes",
+                                                             "bytes_per_sample", "build_seconds")}))
+
+
 @app.command()
 def methods():
     """List the distillation methods (from the registry)."""
@@ -147,6 +168,63 @@ def models():
     for name, desc in available_models().items():
         table.add_row(name, desc)
     console.print(table)
+
+
+@app.command()
+@friendly
+def report(run_dir: Path = typer.Argument(..., help="A finished run directory."),
+           baseline: Optional[Path] = typer.Option(None, "--baseline", help="The same student trained from scratch (a run directory)."),
+           latency: bool = typer.Option(True, "--latency/--no-latency", help="Time the models on the CPU (the slowest part)."),
+           repeats: int = typer.Option(20, help="Timed single-sample calls per model (median reported, after warm-up)."),
+           threads: int = typer.Option(1, help="torch threads for the timing (0: torch's current count).")):
+    """Write report.md, a self-contained report.html and plots for a finished run."""
+    from distillery.report import write_report
+
+    md = write_report(run_dir, baseline=baseline, measure_latency=latency, latency_repeats=repeats, threads=threads or None)
+    console.print(f"wrote {md} and {md.with_suffix('.html')} (plots in {md.parent / 'plots'})")
+
+
+@app.command()
+@friendly
+def compare(runs: List[Path] = typer.Argument(..., help="Run directories, or one directory of runs."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Where compare.md and pareto.png go (default: the runs' common parent).")):
+    """Rank runs by test accuracy; repeats over seeds are grouped as mean ± std."""
+    from distillery.report.compare import compare_runs, leaderboard_table
+
+    result = compare_runs(runs, out=out)
+    header, rows = leaderboard_table(result.groups)
+    table = Table(title=f"leaderboard ({sum(g.n for g in result.groups)} runs, {len(result.groups)} groups)")
+    for col in header:
+        table.add_column(col, justify="left" if col in ("run", "method", "student") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {result.markdown}" + (f" and {result.pareto}" if result.pareto else ""))
+
+
+@app.command("export")
+@friendly
+def export_(run_dir: Path = typer.Argument(..., help="A finished run directory."),
+            format: str = typer.Option("safetensors", "--format", "-f", help="safetensors, onnx, torchscript or hf."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/export/FORMAT[-int8])."),
+            quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 quantisation of Linear layers."),
+            latency: bool = typer.Option(True, "--latency/--no-latency", help="Time the exported model."),
+            threads: int = typer.Option(1, help="Threads for the timing (0: torch's current count).")):
+    """Export a run's student; the export is reloaded and checked against PyTorch on real test inputs."""
+    from distillery.export import export
+
+    res = export(run_dir, format, out=out, quantize=quantize, measure_latency=latency, threads=threads or None)
+    info = res.info
+    check = info["check"]
+    console.print(f"exported {info['format']}{' int8' if info['quantize'] else ''} to {res.model_file} "
+                  f"({info['size_bytes']:,} bytes)")
+    console.print(f"check: max |diff| {check['max_abs_diff']:.2e} vs PyTorch on {check['compared_on']} "
+                  f"(atol {check['atol']:g}, rtol {check['rtol']:g}): passed")
+    line = f"test accuracy {100 * info['test_accuracy']:.2f}% (PyTorch student {100 * info['pytorch_test_accuracy']:.2f}%)"
+    if info["latency"]:
+        lat = info["latency"]
+        line += f"; latency {lat['batch1_median_ms']:.3f} ms at batch 1 ({lat['threads']} threads)"
+    console.print(line)
 
 
 def main() -> None:  # pragma: no cover

@@ -76,12 +76,32 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
 
 
+class CacheConfig(_Strict):
+    """Teacher-output cache (``distillery cache build``): the teacher runs once; training
+    reads its stored outputs and never constructs or runs it."""
+
+    dir: str | None = Field(None, description="Store directory; default <output_dir>/teacher-cache/<run name>.")
+    views: int = Field(1, ge=1, description="Augmentation draws stored per sample (reinforced dataset); >1 needs data.augment.")
+    topk: int | None = Field(None, ge=1, description="Store only the top-k log-probabilities (+ tail mass) instead of dense logits.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Stored precision of logits and features.")
+    shard_size: int = Field(8192, ge=1, description="Samples per shard file.")
+    seed: int = Field(0, description="Seed of the stored augmentation draws.")
+
+
 class TeacherConfig(_Strict):
     """The teacher: a run directory written by ``distillery train`` (config + weights),
     or a model spec whose ``weights`` point at a safetensors file."""
 
     run: str | None = None
     model: ModelSpec | None = None
+    cache: CacheConfig | None = Field(None, description="`true` or a mapping: distil from a teacher-output cache.")
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_bool(cls, v):
+        if v is True:
+            return {}
+        return None if v is False else v
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":

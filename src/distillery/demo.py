@@ -1,10 +1,11 @@
 """The README's first command: what distillation buys, on real data, in a few minutes.
 
 Regime (chosen because KD honestly helps there -- see shared measurements): the teacher, a
-CNN of width 32, is trained on all 60k Fashion-MNIST images; the student, a CNN of width 8
-(~16x fewer parameters), sees only 1,000 labelled images.  It is trained twice with the same
+CNN of width 32, is trained on all 60k Fashion-MNIST images; the student, a CNN of width 16
+(~4x fewer parameters), sees only 1,000 labelled images.  It is trained twice with the same
 epochs, optimiser and seeds: once on labels alone, once with Hinton KD from the teacher.
-With KD the student beats the one trained from scratch by ~2 points on the 10k test images.
+With KD the student beats the one trained from scratch by ~3 points on the 10k test images
+(measured here: 76.9% -> 80.0% for one seed).
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def _configs(out: Path, quick: bool) -> tuple[dict, dict, list[int]]:
                 {"data": {**data, "train_subset": 300}, "student": student, "train": {"epochs": 3}}, [0])
     data = {"name": "fashion_mnist", "batch_size": 128}
     teacher = {"arch": "cnn", "kwargs": {"width": 32}}
-    student = {"arch": "cnn", "kwargs": {"width": 8}}
-    return ({"data": data, "student": teacher, "train": {"epochs": 3, "seed": 0}},
-            {"data": {**data, "batch_size": 64, "train_subset": 1000}, "student": student, "train": {"epochs": 30}}, [0, 1])
+    student = {"arch": "cnn", "kwargs": {"width": 16}}
+    return ({"data": data, "student": teacher, "train": {"epochs": 3, "seed": 0, "scheduler": {"name": "cosine"}}},
+            {"data": {**data, "batch_size": 64, "train_subset": 1000}, "student": student,
+             "train": {"epochs": 30, "eval_every": 5}}, [0, 1])
 
 
 def _run(raw: dict, reuse: bool) -> dict:

@@ -26,9 +26,11 @@ from torch import nn
 
 from distillery import methods as method_registry
 from distillery.config import RunConfig, dump_config
-from distillery.data import DataBundle, Split, augment_batch, load_data
+from distillery import cache
+from distillery.data import DataBundle, Split, load_data
 from distillery.engine.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from distillery.engine.progress import ProgressBar
+from distillery.engine.teacher import CachedTeacher, OnlineTeacher, _seeded
 from distillery.errors import DistilleryError, DivergenceError, ModelError, RunDirExistsError
 from distillery.methods.base import ModelOutput, Progress
 from distillery.models import build_model, count_parameters, forward_logits
@@ -59,12 +61,6 @@ def _move(inputs, device):
 def _rows(split: Split, index: torch.Tensor):
     part = split.take(index)
     return part.inputs, part.labels
-
-
-def _seeded(*parts: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(hash(tuple(parts)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
 
 
 def _check_model_fits(model: nn.Module, data: DataBundle, role: str) -> None:
@@ -230,6 +226,7 @@ def fit(
     data: DataBundle | None = None,
     student: nn.Module | None = None,
     teacher: nn.Module | None = None,
+    rebuild_cache: bool = False,
 ) -> RunResult:
     """Train ``cfg.student`` with ``cfg.method`` (distilling from ``cfg.teacher`` if the method
     needs one).  Writes ``config.yaml``, ``metrics.jsonl``, checkpoints, ``model.safetensors``
@@ -254,22 +251,49 @@ def fit(
 
     data = data or load_data(cfg.data)
     spec = method_registry.get_spec(cfg.method.name)
-    if spec.needs_teacher and teacher is None:
-        teacher = load_teacher(cfg, data)
-    elif teacher is not None:
-        _check_model_fits(teacher, data, "teacher")
-        teacher.eval().requires_grad_(False)
+    device = accelerator.device
+
+    # ---- the teacher: a cache when asked for (then the model is never built), else online
+    store, teacher_acc, teacher_params, teacher_layers = None, None, None, None
+    use_cache = spec.needs_teacher and cfg.teacher is not None and cfg.teacher.cache is not None and teacher is None
+    if use_cache and not rebuild_cache:
+        store = cache.try_open(cfg, data)  # raises, naming what changed, when stale
+    if store is not None:
+        m = store.manifest
+        teacher_acc, teacher_params, teacher_layers = m.get("teacher_test_accuracy"), m.get("teacher_params"), m.get("teacher_layers")
+    elif spec.needs_teacher or teacher is not None:
+        if teacher is None:
+            teacher = load_teacher(cfg, data)
+        else:
+            _check_model_fits(teacher, data, "teacher")
+            teacher.eval().requires_grad_(False)
+        teacher.to(device)
+        teacher_layers = list(getattr(teacher, "default_feature_layers", []) or [])
+        teacher_acc = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)["accuracy"]
+        teacher_params = count_parameters(teacher)
+
+    set_seed(tc.seed)  # the student's init must not depend on whether a teacher was built
     if student is None:
         student = build_model(cfg.student, in_channels=data.in_channels, num_classes=data.num_classes, input_size=data.input_size)
     _check_model_fits(student, data, "student")
     try:
-        method = spec.cls(spec.validate_params(cfg.method.params), student=student, teacher=teacher, num_classes=data.num_classes)
+        method = spec.cls(spec.validate_params(cfg.method.params), student=student, teacher_layers=teacher_layers,
+                          num_classes=data.num_classes)
     except ValueError as err:
         raise DistilleryError(f"method '{spec.name}': {err}") from None
-    device = accelerator.device
     student.to(device)
-    if teacher is not None:
-        teacher.to(device)
+
+    if store is not None and not set(method.teacher_taps) <= set(store.manifest["taps"]):
+        raise cache.StaleCacheError(
+            f"the teacher cache at {store.path} holds features {store.manifest['taps']} but method "
+            f"'{spec.name}' taps {method.teacher_taps}; rebuild it with --rebuild-cache")
+    if use_cache and store is None:  # build it now, then drop the teacher
+        store = cache.build(cfg, data, teacher, method.teacher_taps, accelerator=accelerator,
+                            teacher_test_accuracy=teacher_acc, show_progress=tc.progress)
+        teacher = None
+    image_data = data.kind == "image"
+    source = (CachedTeacher(store, cfg.data.augment, tc.seed, image_data) if store is not None
+              else OnlineTeacher(teacher, method.teacher_taps, cfg.data.augment, tc.seed, image_data))
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.data.batch_size
@@ -279,22 +303,12 @@ def fit(
 
     with ExitStack() as stack:
         s_taps = stack.enter_context(Taps(student, method.student_taps)) if method.student_taps else None
-        t_taps = stack.enter_context(Taps(teacher, method.teacher_taps)) if method.teacher_taps else None
-
-        def run_teacher(x) -> ModelOutput | None:
-            if teacher is None:
-                return None
-            with torch.inference_mode():
-                logits = forward_logits(teacher, x)
-                feats = t_taps.collect() if t_taps else {}
-            # Inference tensors cannot be saved for backward: clone them out of inference mode.
-            return ModelOutput(logits.clone(), {k: v.clone() for k, v in feats.items()})
+        stack.enter_context(source)
 
         # Probe batch: lets the method build shape-dependent parts before the optimiser exists.
-        px, py = _rows(data.train, torch.arange(min(per_step, len(data.train))))
-        px = _move(px, device)
+        probe_rows = torch.arange(min(per_step, len(data.train)))
         with torch.no_grad():
-            t_probe = run_teacher(px)
+            px, t_probe = source.batch(data.train.take(probe_rows).inputs, probe_rows, 0, device)
             s_logits = forward_logits(student, px)
             s_probe = ModelOutput(s_logits, s_taps.collect() if s_taps else {})
         try:
@@ -324,7 +338,6 @@ def fit(
                 save_checkpoint(run_dir, step, raw, optimizer,
                                 {"step": step, "sums": sums, "count": count, "scheduler": scheduler.state_dict()})
 
-        teacher_acc = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)["accuracy"] if teacher is not None else None
         bar = ProgressBar(total_steps, enabled=main and tc.progress, initial=step, title=f"{cfg.name} [{spec.name}]")
         metrics_path = run_dir / "metrics.jsonl"
         train_time, samples_seen, val_acc = 0.0, 0, float("nan")
@@ -338,12 +351,10 @@ def fit(
                     for b in range(in_epoch, steps_per_epoch):
                         rows = order[b * global_batch:(b + 1) * global_batch][rank::world]
                         x, y = _rows(data.train, rows)
-                        if data.kind == "image" and (cfg.data.augment.pad_crop or cfg.data.augment.flip):
-                            x = augment_batch(x, cfg.data.augment, _seeded(tc.seed, step, 1))
-                        x, y = _move(x, device), y.to(device)
+                        x, teacher_out = source.batch(x, rows, step, device)
+                        y = y.to(device)
                         progress = Progress(epoch=step / steps_per_epoch, step=step, total_steps=total_steps)
                         with accelerator.accumulate(trainable):
-                            teacher_out = run_teacher(x)
                             with accelerator.autocast():
                                 terms = trainable(x, y, teacher_out, progress)
                             for name, value in terms.items():
@@ -420,8 +431,9 @@ def fit(
         "train_samples_per_second": samples_seen / max(train_time, 1e-9),
         "data_fingerprint": data.fingerprint,
     }
-    if teacher is not None:
-        summary.update({"teacher_test_accuracy": teacher_acc, "teacher_params": count_parameters(teacher)})
+    if spec.needs_teacher:
+        summary.update({"teacher_test_accuracy": teacher_acc, "teacher_params": teacher_params,
+                        "teacher_source": "cache" if store is not None else "online"})
     if main:
         from safetensors.torch import save_model
 

@@ -50,9 +50,10 @@ class Method(nn.Module):
     student_taps: list[str]
     teacher_taps: list[str]
 
-    def __init__(self, params: Params, *, student: nn.Module, teacher: nn.Module | None, num_classes: int):
-        # ``teacher`` is for reading metadata (e.g. layer names) only; never store it: its
-        # weights must stay out of the optimiser and the checkpoint.
+    def __init__(self, params: Params, *, student: nn.Module, teacher_layers: list[str] | None, num_classes: int):
+        # The method never holds the teacher (its weights stay out of the optimiser and the
+        # checkpoint, and a cached teacher is never built): only its stage names, for
+        # automatic layer pairing.
         super().__init__()
         self.params = params
         self.num_classes = num_classes

@@ -34,12 +34,12 @@ class _FeatureMethod(Method):
     learnable_projector = True
     term = "feat"
 
-    def __init__(self, params, *, student, teacher, num_classes):
-        super().__init__(params, student=student, teacher=teacher, num_classes=num_classes)
+    def __init__(self, params, *, student, teacher_layers, num_classes):
+        super().__init__(params, student=student, teacher_layers=teacher_layers, num_classes=num_classes)
         if params.pairs:
             self.pairs = [(p.student, p.teacher) for p in params.pairs]
         else:
-            self.pairs = default_pairs(student, getattr(teacher, "default_feature_layers", None), params.n_pairs)
+            self.pairs = default_pairs(student, teacher_layers, params.n_pairs)
         self.student_taps = [s for s, _ in self.pairs]
         self.teacher_taps = [t for _, t in self.pairs]
         self.aligners = nn.ModuleList()
