@@ -36,6 +36,7 @@ test: setup data
 
 bench: setup data
 	$(BIN)/python benchmarks/fmnist_classification.py
+	$(BIN)/python benchmarks/cache_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -180,3 +180,19 @@ def test_python_api_accepts_modules(tmp_path, teacher_run):
     with pytest.raises(DistilleryError):
         distillery.distill(teacher=str(teacher_run.run_dir), student="mlp", data="digits", method="kd",
                            output_dir=str(tmp_path), epochs=0)
+
+
+def test_tensorboard_tracking_writes_local_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    res = fit(tiny_cfg(tmp_path, train={"epochs": 1, "progress": False, "track": ["tensorboard"]}))
+    events = list((res.run_dir / "tracking").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_missing_tracker_package_is_one_message(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(DistilleryError, match="pip install mlflow"):
+        fit(tiny_cfg(tmp_path, train={"epochs": 1, "progress": False, "track": ["mlflow"]}))

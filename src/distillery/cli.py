@@ -25,6 +25,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: --set train.epochs=3 (repeatable).")
+TrackOpt = typer.Option(None, "--track", help="Log to tensorboard and/or mlflow (local files in the run directory).")
 
 
 def friendly(fn):
@@ -43,12 +44,13 @@ def friendly(fn):
     return wrapper
 
 
-def _run(config: Path, overrides, resume: bool, overwrite: bool, need_teacher: bool | None, rebuild_cache: bool = False):
+def _run(config: Path, overrides, resume: bool, overwrite: bool, need_teacher: bool | None, rebuild_cache: bool = False,
+         track: list[str] | None = None):
     from distillery.config import load_config
     from distillery.engine import fit
     from distillery.errors import ConfigError
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, list(overrides or []) + ([f"train.track=[{','.join(track)}]"] if track else []))
     if need_teacher is True and cfg.teacher is None:
         raise ConfigError(f"{config}: `distillery distill` needs a `teacher:` section (use `distillery train` for a from-scratch run)")
     if need_teacher is False and cfg.method.name != "ce":
@@ -72,9 +74,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 @friendly
 def train(config: Path, set: Optional[List[str]] = SetOpt,
           resume: bool = typer.Option(False, help="Continue from the run's last checkpoint."),
-          overwrite: bool = typer.Option(False, help="Replace an existing run directory.")):
+          overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+          track: Optional[List[str]] = TrackOpt):
     """Train a teacher or a from-scratch baseline (method ce)."""
-    _run(config, set, resume, overwrite, need_teacher=False)
+    _run(config, set, resume, overwrite, need_teacher=False, track=track)
 
 
 @app.command()
@@ -82,9 +85,10 @@ def train(config: Path, set: Optional[List[str]] = SetOpt,
 def distill(config: Path, set: Optional[List[str]] = SetOpt,
             resume: bool = typer.Option(False, help="Continue from the run's last checkpoint."),
             overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
-            rebuild_cache: bool = typer.Option(False, help="Rebuild a stale teacher cache instead of refusing it.")):
+            rebuild_cache: bool = typer.Option(False, help="Rebuild a stale teacher cache instead of refusing it."),
+            track: Optional[List[str]] = TrackOpt):
     """Distil the config's teacher into its student."""
-    _run(config, set, resume, overwrite, need_teacher=True, rebuild_cache=rebuild_cache)
+    _run(config, set, resume, overwrite, need_teacher=True, rebuild_cache=rebuild_cache, track=track)
 
 
 @app.command("eval")

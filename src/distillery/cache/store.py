@@ -131,7 +131,6 @@ def build_store(
     *,
     rank: int = 0,
     world: int = 1,
-    extra: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Write the shards this process owns into ``<path>.partial``.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import ExitStack
@@ -199,6 +200,14 @@ class _Trainable(nn.Module):
         return self.method(ModelOutput(logits, feats), teacher_out, targets, progress)
 
 
+def _check_trackers(track: list[str]) -> None:
+    import importlib.util
+
+    for name, module in (("tensorboard", "tensorboard"), ("mlflow", "mlflow")):
+        if name in track and importlib.util.find_spec(module) is None:
+            raise DistilleryError(f"train.track includes {name} but the package is not installed: pip install {module}")
+
+
 def _prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -236,12 +245,19 @@ def fit(
 
     t_start = time.perf_counter()
     tc = cfg.train
-    accelerator = Accelerator(cpu=tc.cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    _check_trackers(tc.track)
+    accelerator = Accelerator(cpu=tc.cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+                              log_with=tc.track or None, project_dir=str(cfg.run_dir / "tracking"))
     main = accelerator.is_main_process
     run_dir = cfg.run_dir
     if main:
         run_dir = _prepare_run_dir(cfg, resume, overwrite)
     accelerator.wait_for_everyone()
+    if tc.track:
+        if "mlflow" in tc.track and not os.environ.get("MLFLOW_TRACKING_URI"):
+            os.environ["MLFLOW_TRACKING_URI"] = (run_dir / "tracking" / "mlruns").resolve().as_uri()  # local unless set
+        accelerator.init_trackers(cfg.name, config={"method": cfg.method.name, "student": cfg.student.arch,
+                                                    "epochs": tc.epochs, "lr": tc.optimizer.lr, "seed": tc.seed})
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None and (run_dir / "summary.json").is_file():
         raise DistilleryError(f"{run_dir} already finished (summary.json exists); nothing to resume")
@@ -401,6 +417,9 @@ def fit(
                     if main:
                         with metrics_path.open("a") as f:
                             f.write(json.dumps(row) + "\n")
+                    if tc.track:
+                        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None},
+                                        step=epoch + 1)
                     bar.set(val_acc=val_acc)
                     checkpoint()
         except KeyboardInterrupt:  # a second Ctrl-C: the state is mid-step, so keep the last clean checkpoint
@@ -412,6 +431,8 @@ def fit(
             ) from None
 
     accelerator.wait_for_everyone()
+    if tc.track:
+        accelerator.end_training()
     student = raw.student
     test = evaluate(student, data.test, device, cfg.data.eval_batch_size)
     summary = {
