@@ -20,13 +20,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,hf,tables]"
 	touch $@
 
-# Fashion-MNIST from Debian's package when we may install it; otherwise say how to get it.
+# Debian packages when we may install them: Fashion-MNIST (data) and Chromium (the test that
+# renders the HTML report).  Otherwise say how to get them; the tests that need them skip.
+APT_PKGS := $(if $(wildcard $(FMNIST)),,dataset-fashion-mnist) $(if $(wildcard /usr/bin/chromium),,chromium)
 data:
-	@if [ -d "$(FMNIST)" ] || [ -n "$$DISTILLERY_DATA" ]; then :; \
+	@if [ -z "$(strip $(APT_PKGS))" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-	  || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; \
-	else echo "note: Fashion-MNIST not found; run 'sudo apt-get install dataset-fashion-mnist' or set DISTILLERY_DATA"; fi
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null) \
+	  || echo "warning: could not install $(APT_PKGS); the tests that need them will be skipped"; \
+	else echo "note: missing $(APT_PKGS): run 'sudo apt-get install $(APT_PKGS)' (or set DISTILLERY_DATA for Fashion-MNIST)"; fi
 
 demo: setup data
 	$(BIN)/distillery demo

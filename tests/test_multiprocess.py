@@ -1,7 +1,11 @@
-"""Two processes through `accelerate launch` (gloo on CPU) reach the 1-process result."""
+"""Two processes (torchrun -> Accelerate's MULTI_CPU, gloo) reach the 1-process result.
+
+Note: in accelerate 1.15, `accelerate launch --cpu --num_processes 2` starts ONE process
+(DistributedType.NO); torch's own launcher `torchrun` sets RANK/WORLD_SIZE and Accelerate
+then runs multi-CPU data parallel over gloo.
+"""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +15,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-ACCELERATE = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+_port = [29600]
 
 
 def _launch(n: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [ACCELERATE, "launch", "--num_processes", str(n), "--num_machines", "1", "--cpu",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distillery.cli", *args]
+    _port[0] += 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(_port[0]),
+           "-m", "distillery.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from distillery.cache import build, store_path, try_open
 from distillery.config import load_config
 from distillery.errors import ConfigError
@@ -29,7 +31,7 @@ def build_from_config(config: Path, overrides: list[str] | None = None, *, rebui
         store = try_open(cfg, data)  # a stale store raises, naming what changed
         if store is not None:
             return store.manifest
-    accelerator = Accelerator(cpu=cfg.train.cpu)
+    accelerator = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available())
     teacher = load_teacher(cfg, data).to(accelerator.device)
     spec = methods.get_spec(cfg.method.name)
     student = build_model(cfg.student, in_channels=data.in_channels, num_classes=data.num_classes, input_size=data.input_size)

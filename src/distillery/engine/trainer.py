@@ -246,7 +246,8 @@ def fit(
     t_start = time.perf_counter()
     tc = cfg.train
     _check_trackers(tc.track)
-    accelerator = Accelerator(cpu=tc.cpu, mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
+    # cpu=True on a machine without a GPU: under torchrun that is what selects multi-CPU (gloo).
+    accelerator = Accelerator(cpu=tc.cpu or not torch.cuda.is_available(), mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
                               log_with=tc.track or None, project_dir=str(cfg.run_dir / "tracking"))
     main = accelerator.is_main_process
     run_dir = cfg.run_dir

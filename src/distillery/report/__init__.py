@@ -339,7 +339,7 @@ def write_report(
     recorded = finite(run.summary.get("test_accuracy"))
     if recorded is not None and abs(recorded - student.stats["test_accuracy"]) > 1e-6:
         notes.append(f"The recomputed test accuracy ({_pct(student.stats['test_accuracy'])}%) differs from summary.json "
-                     f"({_pct(recorded)}%): the data or code changed since training.")
+                     f"({_pct(recorded)}%): the data, the code or the hardware differ from training.")
 
     timing = {"warmup": 5, "repeats": latency_repeats, "throughput_repeats": throughput_repeats, "threads": threads}
     if measure_latency:
