@@ -64,7 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
 
     data = {"name": "fashion_mnist", "batch_size": 64, "train_subset": args.subset}
-    train = {"epochs": args.epochs, "optimizer": {"name": "adam", "lr": 1e-3}, "eval_every": 5, "progress": False}
+    train = {"epochs": args.epochs, "optimizer": {"name": "adam", "lr": 1e-3}, "eval_every": 5, "progress": False, "report": False}
     teacher = _run({"name": "teacher", "data": {"name": "fashion_mnist", "batch_size": 128},
                     "student": {"arch": "cnn", "kwargs": {"width": 32}},
                     "train": {"epochs": 3, "progress": False, "scheduler": {"name": "cosine"}}}, args.runs)

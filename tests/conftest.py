@@ -25,7 +25,7 @@ def tiny_cfg(tmp_path, **over):
         "data": {"name": "digits", "batch_size": 32},
         "student": {"arch": "mlp", "kwargs": {"hidden": [32]}},
         "method": {"name": "ce"},
-        "train": {"epochs": 2, "progress": False},
+        "train": {"epochs": 2, "progress": False, "report": False},
     }
     for key, value in over.items():
         raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) and isinstance(value, dict) else value

@@ -30,7 +30,7 @@ def _launch(n: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_two_processes_match_one(tmp_path):
     out = tmp_path / "runs"
     base = {"output_dir": str(out), "student": {"arch": "mlp", "kwargs": {"hidden": [32]}},
-            "train": {"epochs": 2, "progress": False, "optimizer": {"lr": 0.003}}}
+            "train": {"epochs": 2, "progress": False, "report": False, "optimizer": {"lr": 0.003}}}
     teacher = tmp_path / "t.yaml"
     teacher.write_text(yaml.safe_dump({**base, "name": "t", "data": {"name": "digits", "batch_size": 64}}))
     r = _launch(1, "train", str(teacher), cwd=tmp_path)

@@ -4,6 +4,8 @@
     distillery distill CONFIG          distil a teacher into a student
     distillery eval CONFIG_OR_RUN      evaluate a finished run on its test split
     distillery demo                    the end-to-end Fashion-MNIST demo
+    distillery cache build CONFIG      run the teacher once, store its outputs
+    distillery report / compare / export   read, rank and ship results
     distillery methods / models        what exists
 """
 from __future__ import annotations

@@ -141,6 +141,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     cpu: bool = Field(False, description="Force CPU even when an accelerator is present.")
     progress: bool = True
+    report: bool = Field(True, description="Write report.md/report.html/plots into the run directory at the end.")
     track: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list, description="Accelerate trackers; logs stay in the run directory unless you configure a remote.")
 

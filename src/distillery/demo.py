@@ -4,8 +4,8 @@ Regime (chosen because KD honestly helps there -- see shared measurements): the 
 CNN of width 32, is trained on all 60k Fashion-MNIST images; the student, a CNN of width 16
 (~4x fewer parameters), sees only 1,000 labelled images.  It is trained twice with the same
 epochs, optimiser and seeds: once on labels alone, once with Hinton KD from the teacher.
-With KD the student beats the one trained from scratch by ~3 points on the 10k test images
-(measured here: 76.9% -> 80.0% for one seed).
+With KD the student beats the one trained from scratch on the 10k test images (measured on
+this 2-core CPU: 77.64 ± 1.00% -> 82.23 ± 0.95%, seeds 0 and 1, teacher 90.15%; 3m44s in all).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def _configs(out: Path, quick: bool) -> tuple[dict, dict, list[int]]:
 
 
 def _run(raw: dict, reuse: bool) -> dict:
+    raw = {**raw, "train": {**raw.get("train", {}), "report": False}}
     cfg = RunConfig.model_validate(raw)
     done = cfg.run_dir / "summary.json"
     if reuse and done.is_file() and (cfg.run_dir / "config.yaml").read_text() == dump_config(cfg):
@@ -81,6 +82,11 @@ def run_demo(out: Path, *, quick: bool = False, console: Console | None = None) 
     gain = 100 * (mean("test_accuracy", rows["kd"])[0] - mean("test_accuracy", rows["scratch"])[0])
     verdict = f"KD gained {gain:+.2f} points over the same student trained from scratch (same epochs, seeds {seeds})."
     console.print(f"[bold]{verdict}")
+    from distillery.report import write_report
+
+    report = write_report(out / f"kd-s{seeds[0]}", baseline=out / f"scratch-s{seeds[0]}")
+    console.print(f"full report (teacher vs scratch vs distilled: accuracy, agreement, calibration, MACs, latency): "
+                  f"{report.with_suffix('.html')}")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     (out / "results.md").write_text(
         f"# Distillery demo\n\nCommand: `distillery demo{' --quick' if quick else ''}` — {stamp}\n\n"

@@ -464,4 +464,11 @@ def fit(
         tmp.replace(run_dir / "model.safetensors")
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        if tc.report:
+            from distillery.report import write_report
+
+            try:
+                summary["report"] = str(write_report(run_dir))
+            except Exception as err:  # the run itself succeeded: never lose it to a reporting problem
+                print(f"warning: report not written ({type(err).__name__}: {err}); retry with `distillery report {run_dir}`")
     return RunResult(run_dir, summary, student)
