@@ -448,7 +448,7 @@ def test_attention_transfer_rejects_mismatched_inputs():
 
 def test_available_lists_every_logit_loss_with_its_summary():
     listed = losses.available()
-    assert list(listed) == ALL_NAMES
+    assert list(listed) == ALL_NAMES + ["taid", "sinkhorn"]  # those two: tests/test_losses_taid_sinkhorn.py
     assert listed["kd"].startswith("Classic knowledge distillation")
     assert all(summary for summary in listed.values())
 

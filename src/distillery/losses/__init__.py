@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from distillery.errors import ConfigError
+from distillery.losses.sinkhorn import sinkhorn_distance, sinkhorn_kd
+from distillery.losses.taid import TAIDSchedule, taid_loss
 from distillery.losses.features import attention_map, attention_transfer, hint_mse
 from distillery.losses.logits import (
     IGNORE_INDEX,
@@ -34,6 +36,10 @@ from distillery.losses.logits import (
 )
 
 __all__ = [
+    "TAIDSchedule",
+    "sinkhorn_distance",
+    "sinkhorn_kd",
+    "taid_loss",
     "IGNORE_INDEX",
     "LossConfigError",
     "attention_map",
@@ -73,6 +79,8 @@ _REGISTRY: dict[str, tuple[LossFn, bool]] = {
     "nkd": (nkd, True),
     "bdkd": (bdkd, False),
     "tv": (total_variation, False),
+    "taid": (taid_loss, False),
+    "sinkhorn": (sinkhorn_kd, False),
 }
 
 
