@@ -102,7 +102,7 @@ def main() -> None:
 
     # ---- 2. storage per sample: dense fp16 vs fp32 vs top-k
     lines += ["## Build time and size on disk", "", "| store | build (s) | bytes per sample |", "|---|---|---|"]
-    from distillery.cache.build import build_from_config
+    from distillery.cache.from_config import build_from_config
     import yaml
 
     cfg_file = runs / "cache_cfg.yaml"

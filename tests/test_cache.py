@@ -203,3 +203,9 @@ def test_cli_cache_build(tmp_path, teacher_run):
     res = CliRunner().invoke(app, ["cache", "build", str(cfg), "--topk", "4"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["topk"] == 4
+
+
+def test_cache_build_function_not_shadowed_by_a_submodule():
+    import distillery.cache.from_config  # noqa: F401  (what the CLI imports)
+
+    assert callable(cache.build)

@@ -142,7 +142,7 @@ def cache_build(config: Path, set: Optional[List[str]] = SetOpt,
                 views: Optional[int] = typer.Option(None, help="Augmented views per sample (reinforced dataset)."),
                 topk: Optional[int] = typer.Option(None, help="Store top-k log-probabilities instead of dense logits.")):
     """Run the config's teacher over its training set and store the outputs."""
-    from distillery.cache.build import build_from_config
+    from distillery.cache.from_config import build_from_config
 
     extra = [f"teacher.cache.{k}={v}" for k, v in (("dtype", dtype), ("views", views), ("topk", topk)) if v is not None]
     manifest = build_from_config(config, list(set or []) + extra, rebuild=rebuild)

@@ -1,4 +1,7 @@
-"""``distillery cache build CONFIG``: build (or check) the store a distil config will use."""
+"""``distillery cache build CONFIG``: build (or check) the store a distil config will use.
+
+(Not named ``build.py``: a submodule called ``build`` would shadow :func:`distillery.cache.build`.)
+"""
 from __future__ import annotations
 
 from pathlib import Path
