@@ -149,8 +149,9 @@ def main() -> None:
               f"A synthetic store of {n:,} samples x {c} classes (fp16, {m['bytes'] / 2**30:.2f} GiB on disk) is opened in a fresh "
               f"process and 300 random batches of 256 rows are gathered: peak RSS (VmHWM) {peak:.0f} MiB, of which {before:.0f} MiB "
               f"before the first batch (Python + torch + the opened store); reading added {peak - before:.0f} MiB. "
-              "Only the rows a batch needs are read (numpy.memmap), so RSS does not grow with the store; "
-              "a store larger than half of RAM trains the same way (not built here: it would take most of the disk budget of a CI run).", ""]
+              "Batches read only their rows (numpy.memmap), but every page touched stays mapped and counts as (file-backed, "
+              "reclaimable) RSS, so RSS grows with the share of the store visited. This does not show bounded memory for a "
+              "store larger than RAM: that needs a measurement of anonymous RSS under memory pressure (not done here).", ""]
 
     # ---- 5. two processes vs one (samples/s), same global batch
     lines += ["## 2 processes vs 1 (torchrun -> Accelerate MULTI_CPU, gloo)", ""]
