@@ -12,6 +12,19 @@ def has_fmnist() -> bool:
     return (FMNIST / "train-images-idx3-ubyte.gz").is_file() or bool(os.environ.get("DISTILLERY_DATA"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: one intra-op thread is faster than two fighting over a busy
+    2-core machine (each op can stall for milliseconds; gradcheck makes thousands).  Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; restores the count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 needs_fmnist = pytest.mark.skipif(not has_fmnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 

@@ -45,14 +45,7 @@ DIVERGENCES = {
 ALL_NAMES = ["ce", "kd", "forward_kl", "reverse_kl", "jsd", "dkd", "nkd", "bdkd", "tv"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tensors here are tiny: intra-op threads only add synchronisation, and on a busy
-    # 2-core machine each op can stall for milliseconds (gradcheck makes thousands of them).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

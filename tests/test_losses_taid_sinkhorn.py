@@ -11,7 +11,7 @@ import torch
 from distillery.losses.sinkhorn import sinkhorn_distance, sinkhorn_kd, sinkhorn_plan
 from distillery.losses.taid import TAIDSchedule, taid_loss
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _logits(*shape, seed=0, scale=1.0, dtype=torch.float32):

@@ -28,13 +28,7 @@ SHAPES = [  # (in_channels, input_size, num_classes)
 ZOO = sorted(available_models())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster than two fighting over a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(arch: str, shape=SHAPES[2], **kwargs) -> nn.Module:

@@ -24,14 +24,7 @@ FAST = {"latency_repeats": 3, "throughput_repeats": 1}
 DATA = {"name": "digits", "batch_size": 32, "train_subset": 300}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module on one torch thread: with two threads on a busy machine every parallel
-    region waits for the second thread to be scheduled, and tiny runs take many times longer."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
