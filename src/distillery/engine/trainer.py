@@ -64,7 +64,7 @@ def _rows(split: Split, index: torch.Tensor):
     return part.inputs, part.labels
 
 
-def _check_model_fits(model: nn.Module, data: DataBundle, role: str) -> None:
+def _check_model_fits(model: nn.Module, data: DataBundle, role: str, check_classes: bool = True) -> None:
     """Run one real batch through a model: wrong channels / sizes / class counts fail here,
     with a message that names the mismatch, instead of deep inside training."""
     x, _ = _rows(data.train, torch.arange(min(2, len(data.train))))
@@ -81,7 +81,7 @@ def _check_model_fits(model: nn.Module, data: DataBundle, role: str) -> None:
             f"check the {role}'s in_channels / input_size against the data "
             f"(data has in_channels={data.in_channels}, input_size={data.input_size})"
         ) from None
-    if logits.shape[-1] != data.num_classes:
+    if check_classes and logits.shape[-1] != data.num_classes:
         raise ModelError(
             f"the {role} predicts {logits.shape[-1]} classes but the data has {data.num_classes} "
             f"({', '.join(data.class_names[:5])}{', ...' if data.num_classes > 5 else ''}); "
@@ -89,7 +89,7 @@ def _check_model_fits(model: nn.Module, data: DataBundle, role: str) -> None:
         )
 
 
-def load_teacher(cfg: RunConfig, data: DataBundle) -> nn.Module:
+def load_teacher(cfg: RunConfig, data: DataBundle, check_classes: bool = True) -> nn.Module:
     """Build the teacher from a training run directory or a model spec with safetensors weights."""
     from distillery.config import load_config
 
@@ -107,10 +107,26 @@ def load_teacher(cfg: RunConfig, data: DataBundle) -> nn.Module:
         spec = tcfg.model
         if spec.weights is None:
             raise ModelError("teacher.model.weights is missing: a teacher must be trained (a .safetensors file or run directory)")
-    teacher = build_model(spec, in_channels=data.in_channels, num_classes=data.num_classes, input_size=data.input_size)
-    _check_model_fits(teacher, data, "teacher")
+    num_classes = data.num_classes if check_classes else _saved_num_classes(spec, data)
+    teacher = build_model(spec, in_channels=data.in_channels, num_classes=num_classes, input_size=data.input_size)
+    _check_model_fits(teacher, data, "teacher", check_classes)
     teacher.eval().requires_grad_(False)
     return teacher
+
+
+def _saved_num_classes(spec, data: DataBundle) -> int:
+    """The class count a teacher was trained with, read from its weights' head (for methods whose
+    teacher predicts another label set)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(spec.weights, "pt") as f:
+            heads = [k for k in f.keys() if k.endswith("head.bias")]
+            if heads:
+                return int(f.get_slice(heads[0]).get_shape()[0])
+    except Exception:
+        pass
+    return data.num_classes
 
 
 @torch.inference_mode()
@@ -197,7 +213,7 @@ class _Trainable(nn.Module):
     def forward(self, inputs, targets, teacher_out: ModelOutput | None, progress: Progress):
         logits = forward_logits(self.student, inputs)
         feats = self.taps.collect() if self.taps is not None else {}
-        return self.method(ModelOutput(logits, feats), teacher_out, targets, progress)
+        return self.method(ModelOutput(logits, feats, inputs), teacher_out, targets, progress)
 
 
 def _check_trackers(track: list[str]) -> None:
@@ -280,13 +296,14 @@ def fit(
         teacher_acc, teacher_params, teacher_layers = m.get("teacher_test_accuracy"), m.get("teacher_params"), m.get("teacher_layers")
     elif spec.needs_teacher or teacher is not None:
         if teacher is None:
-            teacher = load_teacher(cfg, data)
+            teacher = load_teacher(cfg, data, spec.teacher_same_classes)
         else:
-            _check_model_fits(teacher, data, "teacher")
+            _check_model_fits(teacher, data, "teacher", spec.teacher_same_classes)
             teacher.eval().requires_grad_(False)
         teacher.to(device)
         teacher_layers = list(getattr(teacher, "default_feature_layers", []) or [])
-        teacher_acc = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)["accuracy"]
+        if spec.teacher_same_classes:  # another label set: accuracy on these labels means nothing
+            teacher_acc = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)["accuracy"]
         teacher_params = count_parameters(teacher)
 
     set_seed(tc.seed)  # the student's init must not depend on whether a teacher was built
@@ -327,7 +344,7 @@ def fit(
         with torch.no_grad():
             px, t_probe = source.batch(data.train.take(probe_rows).inputs, probe_rows, 0, device)
             s_logits = forward_logits(student, px)
-            s_probe = ModelOutput(s_logits, s_taps.collect() if s_taps else {})
+            s_probe = ModelOutput(s_logits, s_taps.collect() if s_taps else {}, px)
         try:
             method.setup(s_probe, t_probe)
         except ValueError as err:
@@ -436,6 +453,8 @@ def fit(
         accelerator.end_training()
     student = raw.student
     test = evaluate(student, data.test, device, cfg.data.eval_batch_size)
+    extra = {f"test_accuracy_{name}": evaluate(model, data.test, device, cfg.data.eval_batch_size)["accuracy"]
+             for name, model in raw.method.eval_models().items()}
     summary = {
         "name": cfg.name,
         "method": spec.name,
@@ -452,6 +471,7 @@ def fit(
         "train_seconds": train_time,
         "train_samples_per_second": samples_seen / max(train_time, 1e-9),
         "data_fingerprint": data.fingerprint,
+        **extra,
     }
     if spec.needs_teacher:
         summary.update({"teacher_test_accuracy": teacher_acc, "teacher_params": teacher_params,

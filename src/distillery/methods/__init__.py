@@ -21,6 +21,7 @@ class MethodSpec:
     needs_teacher: bool
     description: str
     paper: str
+    teacher_same_classes: bool = True
 
     def validate_params(self, raw: dict[str, Any] | Params) -> Params:
         if isinstance(raw, Params):
@@ -42,20 +43,36 @@ class MethodSpec:
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *, params: type[Params], needs_teacher: bool = True, paper: str = "") -> Callable:
+def register(name: str, *, params: type[Params], needs_teacher: bool = True, paper: str = "",
+             teacher_same_classes: bool = True) -> Callable:
+    """``teacher_same_classes=False`` lets the teacher predict a different label set than the
+    student (cross-task and novel-class methods); the engine then skips that check."""
+
     def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY:
             raise RuntimeError(f"method '{name}' registered twice")
         doc = (cls.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = MethodSpec(name, cls, params, needs_teacher, doc[0] if doc else "", paper)
+        _REGISTRY[name] = MethodSpec(name, cls, params, needs_teacher, doc[0] if doc else "", paper,
+                                     teacher_same_classes)
         return cls
 
     return deco
 
 
+_HELPERS = {"base", "align"}  # modules of this package that register nothing
+
+
 def _load_builtin() -> None:
-    # Importing the modules runs their @register decorators.
-    from distillery.methods import feature, logit  # noqa: F401
+    # Importing every module of this package runs its @register decorators: a new method is a
+    # new file here, with no list to keep in sync.
+    import importlib
+    import pkgutil
+
+    import distillery.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in _HELPERS and not info.name.startswith("_"):
+            importlib.import_module(f"distillery.methods.{info.name}")
 
 
 def available() -> dict[str, MethodSpec]:

@@ -29,6 +29,9 @@ class Params(BaseModel):
 class ModelOutput:
     logits: torch.Tensor
     features: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The batch the model saw (already augmented): set on the student's output, so that a method
+    # can run the student on a second view or train a peer model on the same batch.
+    inputs: object = None
 
 
 @dataclass
@@ -59,6 +62,20 @@ class Method(nn.Module):
         self.num_classes = num_classes
         self.student_taps = []
         self.teacher_taps = []
+        # A plain reference, not a submodule: the student's weights belong to the student.
+        object.__setattr__(self, "_student", student)
+
+    def student_forward(self, inputs) -> torch.Tensor:
+        """Run the student on other inputs (e.g. a second augmented view) and return its logits;
+        gradients flow into the student as for the main forward."""
+        from distillery.models import forward_logits
+
+        return forward_logits(self._student, inputs)
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """Extra trainable models the method owns (e.g. the peer in mutual learning): the engine
+        evaluates each on the test split and reports ``test_accuracy_<name>``."""
+        return {}
 
     def setup(self, student_out: ModelOutput, teacher_out: ModelOutput | None) -> None:
         """Called once with outputs of a probe batch, before the optimiser exists:
