@@ -54,11 +54,30 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the training set held out for validation.")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share held out for test when the source has no test split.")
     train_subset: int | None = Field(None, gt=0, description="Use only this many (stratified) training samples.")
+    classes: list[int] | None = Field(
+        None, min_length=2,
+        description="Keep only these class ids of the source (0..C-1), relabelled 0..k-1 in this order, e.g. the "
+                    "known classes of a novel-class-discovery split. Applied after the test/validation split.")
+    mosaic: int | None = Field(
+        None, ge=2, le=4,
+        description="Make a multi-label image task: every sample becomes a g x g mosaic of images of its split, "
+                    "labelled with the classes that appear (multi-hot), e.g. 2 for 2x2 Fashion-MNIST mosaics.")
     split_seed: int = Field(0, description="Seed of the deterministic train/val/test split.")
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(512, gt=0)
     augment: AugmentConfig = AugmentConfig()
     trust_remote_code: bool = False
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_class_ids(cls, v: list[int] | None) -> list[int] | None:
+        # The range check needs the dataset's classes: it happens in load_data.
+        if v is not None:
+            if min(v) < 0:
+                raise ValueError(f"class ids are >= 0, got {min(v)}")
+            if len(set(v)) != len(v):
+                raise ValueError(f"class ids must be distinct, got {v}")
+        return v
 
 
 class ModelSpec(_Strict):
@@ -84,7 +103,8 @@ class CacheConfig(_Strict):
     views: int = Field(1, ge=1, description="Augmentation draws stored per sample (reinforced dataset); >1 needs data.augment.")
     topk: int | None = Field(None, ge=1, description="Store only the top-k log-probabilities (+ tail mass) instead of dense logits.")
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored precision of logits and features.")
-    shard_size: int = Field(8192, ge=1, description="Samples per shard file.")
+    shard_size: int | None = Field(None, ge=1, description="Samples per shard file; default: as many as fit in about "
+                                   "128 MiB (fewer shards = fewer reads per batch).")
     seed: int = Field(0, description="Seed of the stored augmentation draws.")
 
 

@@ -88,6 +88,20 @@ def try_open(cfg: RunConfig, data: DataBundle) -> TeacherStore | None:
     return TeacherStore(path, expected=fingerprint(cfg, data))
 
 
+SHARD_BYTES = 128 * 2**20
+
+
+def _auto_shard_size(run_teacher, c, n: int) -> int:
+    """Rows per shard so that a shard holds about SHARD_BYTES: every batch gathers from each
+    shard it touches, so a small store should be one shard (it is deterministic, as a
+    resumed build must cut the same shards)."""
+    _, logits, feats = run_teacher(torch.arange(1), 0)
+    item = 2 if c.dtype == "float16" else 4
+    per_view = 6 + (logits.shape[-1] * item if not c.topk else c.topk * (item + 4))
+    per_view += sum(f[0].numel() * item for f in feats.values())
+    return int(max(256, min(n, SHARD_BYTES // (per_view * c.views))))
+
+
 def build(cfg: RunConfig, data: DataBundle, teacher: torch.nn.Module, taps: list[str], *,
           accelerator=None, teacher_test_accuracy: float | None = None, show_progress: bool = True) -> TeacherStore:
     """Run ``teacher`` over the training split and write the store (resumable; sharded
@@ -105,7 +119,6 @@ def build(cfg: RunConfig, data: DataBundle, teacher: torch.nn.Module, taps: list
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else torch.device("cpu")
     fp = fingerprint(cfg, data)
-    layout = CacheLayout(views=c.views, topk=c.topk, dtype=c.dtype, taps=list(taps), shard_size=c.shard_size)
     path = store_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     teacher.to(device).eval()
@@ -131,7 +144,9 @@ def build(cfg: RunConfig, data: DataBundle, teacher: torch.nn.Module, taps: list
 
     t0 = time.perf_counter()
     n = len(data.train)
-    n_mine = sum(min(c.shard_size, n - s * c.shard_size) for s in range(rank, (n + c.shard_size - 1) // c.shard_size, world))
+    shard_size = c.shard_size or _auto_shard_size(run_teacher, c, n)
+    layout = CacheLayout(views=c.views, topk=c.topk, dtype=c.dtype, taps=list(taps), shard_size=shard_size)
+    n_mine = sum(min(shard_size, n - s * shard_size) for s in range(rank, (n + shard_size - 1) // shard_size, world))
     bar = ProgressBar(max(1, n_mine * c.views), enabled=show_progress and rank == 0, title="teacher cache")
     with bar:
         build_store(path, fp, layout, n, data.num_classes, run_teacher, rank=rank, world=world,

@@ -10,6 +10,8 @@ It works the same for every source (see :mod:`distillery.data.sources`):
 1. the source reads raw inputs, labels ``0..C-1`` and any official test/validation split;
 2. a missing test split is carved out of train (``test_fraction``), then a missing
    validation split (``val_fraction`` of what is left), both stratified by class;
+   ``classes`` then keeps only the listed classes in every split, relabelled ``0..k-1``
+   in the listed order (after the split, so a class's test rows are the same with or without it);
 3. ``train_subset`` keeps a stratified subset of the remaining training rows
    (validation and test are unaffected);
 4. the fingerprint hashes the raw content of the three splits plus the config fields
@@ -52,7 +54,7 @@ class Split:
 
     ``inputs`` is a float32 tensor (images ``(N, C, H, W)``, tables ``(N, F)``) or, for
     text, a dict of ``(N, L)`` token tensors (``input_ids``, ``attention_mask`` ...).
-    ``labels`` is int64 ``(N,)``.  ``index`` holds each row's position in the source split
+    ``labels`` is int64 ``(N,)``, or float multi-hot ``(N, C)`` for a multi-label task.  ``index`` holds each row's position in the source split
     it was drawn from (the official train or test set), which makes splits easy to audit.
     """
 
@@ -97,6 +99,8 @@ class DataBundle:
     mean: list[float] | None = None
     std: list[float] | None = None
     feature_names: list[str] | None = field(default=None, repr=False)
+    # "multilabel": labels are float multi-hot (N, num_classes) rather than class ids (N,)
+    task: Literal["multiclass", "multilabel"] = "multiclass"
 
     def describe(self) -> str:
         """One line for logs, e.g. ``image 1x28x28, 10 classes: 54000 train / 6000 val / 10000 test``."""
@@ -203,6 +207,25 @@ def _check_labels(raw: RawData) -> None:
         raise DataError(f"{raw.source}: the training split is empty")
 
 
+def _keep_classes(classes: list[int], raw: RawData, splits: tuple[Split, ...]) -> tuple[RawData, tuple[Split, ...]]:
+    """Keep the rows of ``classes`` (source ids) in each split, relabelled to their position in
+    ``classes``; the class names follow.  ``raw`` comes back with the kept names."""
+    from dataclasses import replace
+
+    names = raw.class_names
+    bad = [c for c in classes if c >= len(names)]
+    if bad:
+        allowed = ", ".join(f"{i} ({n})" for i, n in enumerate(names))
+        raise DataError(f"data.classes: {bad} not class ids of {raw.source}; allowed ids: {allowed}")
+    relabel = torch.full((len(names),), -1, dtype=torch.long)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+    kept = []
+    for split in splits:
+        part = split.take(relabel[split.labels] >= 0)
+        kept.append(Split(part.inputs, relabel[part.labels], part.index))
+    return replace(raw, class_names=[names[c] for c in classes]), tuple(kept)
+
+
 def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
     arr = np.ascontiguousarray(t.detach().cpu().numpy())
     h.update(f"{name}:{arr.dtype.str}:{arr.shape};".encode())
@@ -214,6 +237,8 @@ def _fingerprint(cfg: DataConfig, raw: RawData, splits: dict[str, Split]) -> str
     h = hashlib.sha256(_FINGERPRINT_VERSION.encode())
     meta = {f: getattr(cfg, f) for f in _SHAPING_FIELDS}
     meta.update(kind=raw.kind, class_names=raw.class_names, pixel_max=raw.pixel_max)
+    if cfg.classes is not None:  # only when set: fingerprints of unfiltered data keep their value
+        meta["classes"] = list(cfg.classes)
     h.update(json.dumps(meta, sort_keys=True).encode())
     for name, split in splits.items():
         h.update(f"[{name}:{len(split)}]".encode())
@@ -299,6 +324,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
         train, test = _carve(train, cfg.test_fraction, num_classes, _generator(cfg.split_seed, "test"))
     if val is None:
         train, val = _carve(train, cfg.val_fraction, num_classes, _generator(cfg.split_seed, "val"))
+    if cfg.classes is not None:
+        raw, (train, val, test) = _keep_classes(cfg.classes, raw, (train, val, test))
+        num_classes = len(raw.class_names)
     if cfg.train_subset is not None and cfg.train_subset < len(train):
         if cfg.train_subset < num_classes:
             raise DataError(
@@ -321,6 +349,16 @@ def load_data(cfg: DataConfig) -> DataBundle:
     splits = {"train": train, "val": val, "test": test}
     fingerprint = _fingerprint(cfg, raw, splits)
     splits, mean, std = _normalise(splits, raw)
+    task = "multiclass"
+    if cfg.mosaic is not None:
+        if raw.kind != "image":
+            raise DataError(f"data.mosaic builds multi-label images, but {cfg.name} gave {raw.kind} data; remove data.mosaic")
+        from distillery.data.multilabel import mosaic
+
+        splits = {name: mosaic(split, cfg.mosaic, num_classes, _generator(cfg.split_seed, f"mosaic:{name}"))
+                  for name, split in splits.items()}
+        fingerprint = hashlib.sha256(f"{fingerprint}:mosaic{cfg.mosaic}".encode()).hexdigest()
+        task = "multilabel"
 
     x = splits["train"].inputs
     if raw.kind == "image":
@@ -343,4 +381,5 @@ def load_data(cfg: DataConfig) -> DataBundle:
         mean=mean,
         std=std,
         feature_names=raw.feature_names,
+        task=task,
     )

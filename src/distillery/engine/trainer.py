@@ -131,17 +131,32 @@ def _saved_num_classes(spec, data: DataBundle) -> int:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, device, batch_size: int = 512) -> dict[str, float]:
-    """Top-1 accuracy and mean CE of ``model`` on a split (model put in eval mode, restored after)."""
+    """Top-1 accuracy and mean CE of ``model`` on a split (model put in eval mode, restored after).
+
+    Multi-label splits (float multi-hot labels): ``accuracy`` is the exact-match (subset)
+    accuracy, ``loss`` the mean binary cross-entropy per label, plus mAP and F1
+    (:func:`distillery.report.metrics.multilabel_metrics`)."""
     was_training = model.training
     model.eval()
     correct, loss, n = 0, 0.0, len(split)
+    multilabel = split.labels.dim() == 2
+    all_logits = []
     for start in range(0, n, batch_size):
         x, y = _rows(split, torch.arange(start, min(start + batch_size, n)))
         logits = forward_logits(model, _move(x, device)).float()
         y = y.to(device)
+        if multilabel:
+            all_logits.append(logits.cpu())
+            loss += nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / y.shape[1]
+            continue
         correct += (logits.argmax(-1) == y).sum().item()
         loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
     model.train(was_training)
+    if multilabel:
+        from distillery.report.metrics import multilabel_metrics
+
+        m = multilabel_metrics(torch.cat(all_logits) if all_logits else torch.zeros(0, split.labels.shape[1]), split.labels)
+        return {"accuracy": m["subset_accuracy"], "loss": loss / max(1, n), **m}
     return {"accuracy": correct / max(1, n), "loss": loss / max(1, n)}
 
 
@@ -310,6 +325,10 @@ def fit(
     if student is None:
         student = build_model(cfg.student, in_channels=data.in_channels, num_classes=data.num_classes, input_size=data.input_size)
     _check_model_fits(student, data, "student")
+    if data.task == "multilabel" and not spec.multilabel:
+        able = ", ".join(n for n, sp in method_registry.available().items() if sp.multilabel and not n.endswith("_for_test"))
+        raise DistilleryError(f"method '{spec.name}' is for single-label classification but the data is multi-label "
+                              f"(data.mosaic); methods with a multi-label form: {able}")
     try:
         method = spec.cls(spec.validate_params(cfg.method.params), student=student, teacher_layers=teacher_layers,
                           num_classes=data.num_classes)
@@ -455,6 +474,9 @@ def fit(
     test = evaluate(student, data.test, device, cfg.data.eval_batch_size)
     extra = {f"test_accuracy_{name}": evaluate(model, data.test, device, cfg.data.eval_batch_size)["accuracy"]
              for name, model in raw.method.eval_models().items()}
+    extra.update({f"test_{k}": v for k, v in test.items() if k not in ("accuracy", "loss")})
+    if data.task != "multiclass":
+        extra["task"] = data.task
     summary = {
         "name": cfg.name,
         "method": spec.name,

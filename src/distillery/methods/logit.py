@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from distillery.losses import logits as L
+from distillery.losses import multilabel as ML
 from distillery.methods import register
 from distillery.methods.base import Method, ModelOutput, Params, Progress
 
@@ -17,11 +18,14 @@ class CEParams(Params):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
-@register("ce", params=CEParams, needs_teacher=False, paper="baseline")
+@register("ce", params=CEParams, needs_teacher=False, paper="baseline", multilabel=True)
 class CrossEntropy(Method):
     """Cross-entropy on labels only: the from-scratch baseline (also used to train teachers)."""
 
     def forward(self, student_out, teacher_out, targets, progress):
+        if targets.dim() == student_out.logits.dim():  # multi-label: binary CE per label
+            eps = self.params.label_smoothing
+            return {"ce": ML.binary_cross_entropy(student_out.logits, None, targets * (1 - eps) + eps / 2)}
         return {"ce": torch.nn.functional.cross_entropy(
             student_out.logits.float(), targets, label_smoothing=self.params.label_smoothing)}
 
@@ -131,3 +135,23 @@ class NKD(Method):
             "ce": p.ce_weight * L.cross_entropy(student_out.logits, None, targets),
             "nkd": L.nkd(student_out.logits, teacher_out.logits, targets, temperature=p.temperature, gamma=p.gamma),
         }
+
+
+class MLKDParams(Params):
+    temperature: float = Field(2.0, gt=0, description="Temperature of every label's sigmoid (loss scaled by T^2).")
+    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the distillation term; the labels' BCE gets 1 - alpha.")
+
+
+@register("mlkd", params=MLKDParams, multilabel=True,
+          paper="Yang et al. 2023, Multi-Label Knowledge Distillation (label-wise logit distillation)")
+class MultiLabelKD(Method):
+    """Multi-label KD: per-label binary KL at temperature T, mixed with per-label binary CE."""
+
+    def forward(self, student_out, teacher_out, targets, progress):
+        p = self.params
+        if targets.dim() != student_out.logits.dim():
+            raise ValueError("mlkd needs multi-label data (multi-hot targets, e.g. data.mosaic); use kd for single-label data")
+        terms = {"mlkd": p.alpha * ML.binary_kd(student_out.logits, teacher_out.logits, temperature=p.temperature)}
+        if p.alpha < 1:
+            terms["bce"] = (1 - p.alpha) * ML.binary_cross_entropy(student_out.logits, None, targets)
+        return terms

@@ -87,6 +87,38 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bin
     return ece.item()
 
 
+def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Per-label average precision (the area under the precision-recall step curve, as
+    scikit-learn's ``average_precision_score``): for label j, the mean over its positive
+    samples of the precision among samples scored at least as high.  ``scores``/``positives``
+    are ``(N, L)``; labels without positives give NaN.  Ties are broken by sample order."""
+    order = torch.sort(scores, dim=0, descending=True, stable=True).indices
+    pos = positives.to(torch.float64).gather(0, order)
+    hits = pos.cumsum(0)
+    precision = hits / torch.arange(1, len(scores) + 1, dtype=torch.float64).unsqueeze(1)
+    n_pos = pos.sum(0)
+    return torch.where(n_pos > 0, (precision * pos).sum(0) / n_pos.clamp_min(1), torch.nan)
+
+
+def multilabel_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Multi-label quality from logits and multi-hot labels (N, L): mAP over labels with a
+    positive, per-label and macro/micro F1 at probability 0.5, exact-match (subset) accuracy."""
+    labels = labels > 0.5
+    pred = logits > 0
+    tp = (pred & labels).sum(0).double()
+    fp = (pred & ~labels).sum(0).double()
+    fn = (~pred & labels).sum(0).double()
+    f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.ones_like(tp))
+    ap = average_precision(logits.float(), labels)
+    return {
+        "map": float(ap[~ap.isnan()].mean()) if (~ap.isnan()).any() else float("nan"),
+        "f1_macro": float(f1.mean()),
+        "f1_micro": float(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp_min(1)),
+        "f1_per_label": [round(float(v), 4) for v in f1],
+        "subset_accuracy": float((pred == labels).all(1).double().mean()),
+    }
+
+
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Counts ``cm[true, predicted]`` as an int64 ``(C, C)`` tensor."""
     predicted = logits.argmax(-1)
