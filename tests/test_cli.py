@@ -55,6 +55,21 @@ def test_distill_without_teacher_refused(tmp_path):
     assert res.exit_code == 2 and "teacher" in res.output
 
 
+def test_train_refuses_a_method_that_needs_a_teacher(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", {"student": {"arch": "mlp"}, "method": {"name": "kd"},
+                                       "teacher": {"run": str(tmp_path / "t")}})
+    res = runner.invoke(app, ["train", str(cfg)])
+    assert res.exit_code == 2 and "distillery distill" in res.output
+
+
+def test_train_runs_a_teacher_free_method(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "runs"), "data": {"name": "digits"},
+                                       "student": {"arch": "mlp", "kwargs": {"hidden": [16]}}, "method": {"name": "dml"},
+                                       "train": {"epochs": 1, "progress": False, "report": False}})
+    res = runner.invoke(app, ["train", str(cfg)])
+    assert res.exit_code == 0, res.output
+
+
 def test_demo_quick(tmp_path):
     res = runner.invoke(app, ["demo", "--quick", "--output-dir", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output

@@ -148,3 +148,11 @@ def test_single_label_method_on_multilabel_data_is_refused(tmp_path, ml_teacher)
                    teacher={"run": str(ml_teacher.run_dir)}, method={"name": "kd"})
     with pytest.raises(DistilleryError, match="multi-label.*mlkd"):
         fit(cfg)
+
+
+def test_report_of_a_multilabel_run_shows_map_and_per_label_f1(ml_teacher):
+    from distillery.report import write_report
+
+    write_report(ml_teacher.run_dir)
+    md = (ml_teacher.run_dir / "report.md").read_text()
+    assert "Per-label F1" in md and "Test mAP" in md

@@ -2,6 +2,7 @@
 
     distillery train CONFIG            train a teacher or a from-scratch baseline
     distillery distill CONFIG          distil a teacher into a student
+    distillery self-distill CONFIG --rounds N   rounds of self-distillation, label weight per round
     distillery eval CONFIG_OR_RUN      evaluate a finished run on its test split
     distillery demo                    the end-to-end Fashion-MNIST demo
     distillery cache build CONFIG      run the teacher once, store its outputs
@@ -52,11 +53,15 @@ def _run(config: Path, overrides, resume: bool, overwrite: bool, need_teacher: b
     from distillery.engine import fit
     from distillery.errors import ConfigError
 
+    from distillery.methods import get_spec
+
     cfg = load_config(config, list(overrides or []) + ([f"train.track=[{','.join(track)}]"] if track else []))
-    if need_teacher is True and cfg.teacher is None:
+    spec = get_spec(cfg.method.name)
+    # Teacher-free methods (ce, self- and mutual distillation) run under either command.
+    if need_teacher is True and cfg.teacher is None and (spec.needs_teacher or spec.name == "ce"):
         raise ConfigError(f"{config}: `distillery distill` needs a `teacher:` section (use `distillery train` for a from-scratch run)")
-    if need_teacher is False and cfg.method.name != "ce":
-        raise ConfigError(f"{config}: `distillery train` trains on labels (method ce); use `distillery distill` for method '{cfg.method.name}'")
+    if need_teacher is False and spec.needs_teacher:
+        raise ConfigError(f"{config}: method '{cfg.method.name}' distils from a teacher; run it with `distillery distill`")
     result = fit(cfg, resume=resume, overwrite=overwrite, rebuild_cache=rebuild_cache)
     _print_summary(result.summary, result.run_dir)
 
@@ -78,7 +83,7 @@ def train(config: Path, set: Optional[List[str]] = SetOpt,
           resume: bool = typer.Option(False, help="Continue from the run's last checkpoint."),
           overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
           track: Optional[List[str]] = TrackOpt):
-    """Train a teacher or a from-scratch baseline (method ce)."""
+    """Train a teacher, a from-scratch baseline (method ce) or a teacher-free method (self/mutual distillation)."""
     _run(config, set, resume, overwrite, need_teacher=False, track=track)
 
 
@@ -91,6 +96,26 @@ def distill(config: Path, set: Optional[List[str]] = SetOpt,
             track: Optional[List[str]] = TrackOpt):
     """Distil the config's teacher into its student."""
     _run(config, set, resume, overwrite, need_teacher=True, rebuild_cache=rebuild_cache, track=track)
+
+
+@app.command("self-distill")
+@friendly
+def self_distill(config: Path, set: Optional[List[str]] = SetOpt,
+                 rounds: int = typer.Option(..., "--rounds", min=1, help="Self-distillation rounds after round 0 (labels)."),
+                 alpha: str = typer.Option("optimal", "--alpha", help="Label weight per round: 'optimal' (estimated) or a number in [0, 1].")):
+    """Round 0 on labels, then N rounds each distilled from the previous one (finished rounds are reused)."""
+    from distillery.config import load_config
+    from distillery.recipes.self_distillation import parse_alpha, run_rounds
+
+    result = run_rounds(load_config(config, set), rounds, alpha=parse_alpha(alpha))
+    table = Table(title=f"self-distillation rounds -> {result.dir}")
+    for col in ("round", "alpha", "val accuracy", "test accuracy"):
+        table.add_column(col, justify="right")
+    for r in result.rows:
+        table.add_row(str(r["round"]), f"{r['alpha']:.4f}",
+                      *(f"{100 * r[k]:.2f}%" if r[k] is not None else "" for k in ("val_accuracy", "test_accuracy")))
+    console.print(table)
+    console.print(f"wrote {result.markdown} and {result.json}")
 
 
 @app.command("eval")

@@ -188,6 +188,17 @@ def _test_logits(m: _Model, data: DataBundle, batch_size: int) -> torch.Tensor:
 def _evaluate(m: _Model, data: DataBundle, teacher_logits: torch.Tensor | None, batch_size: int) -> None:
     m.logits = _test_logits(m, data, batch_size)
     labels = data.test.labels
+    if labels.dim() == 2:  # multi-label: mAP, F1 per label; "accuracy" = exact match
+        ml = M.multilabel_metrics(m.logits, labels)
+        m.stats.update({
+            "test_accuracy": ml["subset_accuracy"], "map": ml["map"], "f1_macro": ml["f1_macro"],
+            "agreement_with_teacher": (float(((m.logits > 0) == (teacher_logits > 0)).float().mean())
+                                       if teacher_logits is not None and m.role != "teacher" else None),
+            "ece": None, "params": count_parameters(m.module),
+            "macs": M.count_macs(m.module, M.take_rows(data.test, 1)), "size_bytes": M.file_size(m.weights),
+            "confusion": None, "per_class_accuracy": ml["f1_per_label"],
+        })
+        return
     cm = M.confusion_matrix(m.logits, labels, data.num_classes)
     m.stats.update({
         "test_accuracy": M.accuracy(m.logits, labels),
@@ -443,11 +454,19 @@ def _document(run: Run, base: Run | None, data: DataBundle, models: list[_Model]
         doc.add(Paragraph("metrics.jsonl is missing or empty: no learning curves."))
 
     # ---- per class
-    doc.add(Heading("Per-class accuracy"))
     names = data.class_names
-    path = plots.confusion(student.stats["confusion"], names, out_plots / "confusion.png",
-                           title=f"{student.label}: confusion on the test split")
-    doc.add(Image(path, "Confusion matrix of the student (rows: true class, normalised per row; numbers: counts)."))
+    if student.stats["confusion"] is not None:
+        doc.add(Heading("Per-class accuracy"))
+        path = plots.confusion(student.stats["confusion"], names, out_plots / "confusion.png",
+                               title=f"{student.label}: confusion on the test split")
+        doc.add(Image(path, "Confusion matrix of the student (rows: true class, normalised per row; numbers: counts)."))
+    else:
+        doc.add(Heading("Per-label F1 (multi-label task)"))
+        doc.add(Paragraph(f"Test mAP: student {_pct(student.stats['map'])}%"
+                          + (f", teacher {_pct(teacher.stats['map'])}%" if teacher else "")
+                          + (f", scratch {_pct(scratch.stats['map'])}%" if scratch else "")
+                          + ". Rows below: F1 of each label at probability 0.5; accuracy above is the exact match "
+                            "of all labels; agreement with the teacher is per label."))
     header = ["class"] + ([teacher.label] if teacher else []) + ([scratch.label] if scratch else []) + [student.label]
     if scratch is not None:
         header.append("change vs scratch (points)")

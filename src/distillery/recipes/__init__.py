@@ -1,0 +1,1 @@
+"""Recipes: procedures built from several training runs (e.g. rounds of self-distillation)."""
