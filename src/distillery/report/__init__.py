@@ -44,7 +44,7 @@ __all__ = ["write_report", "load_run", "find_runs", "group_runs", "compare_runs"
 #: DataConfig fields that decide which rows land in the test split: a baseline must agree on
 #: them, or per-class comparisons would compare different images.
 _TEST_SPLIT_FIELDS = ("name", "path", "label_column", "input_column", "feature_columns", "image_size",
-                      "tokenizer", "max_length", "test_fraction", "split_seed")
+                      "tokenizer", "max_length", "test_fraction", "split_seed", "classes", "mosaic")
 #: DataConfig fields that do not change input shapes (ignored when reusing data to time a model).
 _SHAPE_IRRELEVANT = ("train_subset", "batch_size", "eval_batch_size", "augment", "val_fraction",
                      "test_fraction", "split_seed", "download")
