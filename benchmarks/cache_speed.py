@@ -150,8 +150,9 @@ def main() -> None:
               f"process and 300 random batches of 256 rows are gathered: peak RSS (VmHWM) {peak:.0f} MiB, of which {before:.0f} MiB "
               f"before the first batch (Python + torch + the opened store); reading added {peak - before:.0f} MiB. "
               "Batches read only their rows (numpy.memmap), but every page touched stays mapped and counts as (file-backed, "
-              "reclaimable) RSS, so RSS grows with the share of the store visited. This does not show bounded memory for a "
-              "store larger than RAM: that needs a measurement of anonymous RSS under memory pressure (not done here).", ""]
+              "reclaimable) RSS, so RSS grows with the share of the store visited. Training from a store larger than half of "
+              "RAM under a memory limit, with anonymous and file-backed RSS measured apart, is in "
+              "`benchmarks/results/cache_memory.md` (`python benchmarks/cache_memory.py`).", ""]
 
     # ---- 5. two processes vs one (samples/s), same global batch
     lines += ["## 2 processes vs 1 (torchrun -> Accelerate MULTI_CPU, gloo)", ""]
