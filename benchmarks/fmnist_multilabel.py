@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from distillery.config import config_from_dict, dump_config
+from distillery.config import config_from_dict, dump_config, load_config
 from distillery.engine import fit
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +32,8 @@ METHODS = {"ce": {}, "mlkd": {"temperature": 2.0, "alpha": 0.9}, "dml": {}}
 def _run(raw: dict, runs: Path) -> dict:
     cfg = config_from_dict({**raw, "output_dir": str(runs)})
     done = cfg.run_dir / "summary.json"
-    if done.is_file() and (cfg.run_dir / "config.yaml").read_text() == dump_config(cfg):
+    # Reuse a finished run whose config (re-read with today's defaults for any newer fields) is the same.
+    if done.is_file() and dump_config(load_config(cfg.run_dir / "config.yaml")) == dump_config(cfg):
         return json.loads(done.read_text())
     return fit(cfg, overwrite=True).summary
 

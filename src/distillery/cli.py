@@ -4,6 +4,7 @@
     distillery distill CONFIG          distil a teacher into a student
     distillery self-distill CONFIG --rounds N   rounds of self-distillation, label weight per round
     distillery eval CONFIG_OR_RUN      evaluate a finished run on its test split
+    distillery inspect CONFIG          linear CKA between teacher and student layers (heat-map)
     distillery demo                    the end-to-end Fashion-MNIST demo
     distillery cache build CONFIG      run the teacher once, store its outputs
     distillery report / compare / export   read, rank and ship results
@@ -143,6 +144,29 @@ def eval_(target: Path = typer.Argument(..., help="A run directory, or the confi
     res = evaluate(model, getattr(data, split), "cpu", cfg.data.eval_batch_size)
     out = {"run": str(run_dir), "split": split, "accuracy": res["accuracy"], "loss": res["loss"], "params": count_parameters(model)}
     console.print_json(json.dumps(out))
+
+
+@app.command("inspect")
+@friendly
+def inspect_(config: Path, set: Optional[List[str]] = SetOpt,
+             out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: <output_dir>/<name>-inspect)."),
+             samples: int = typer.Option(512, help="Rows of real data to compare the layers on."),
+             split: str = typer.Option("train", help="train, val or test"),
+             teacher_layer: Optional[List[str]] = typer.Option(None, "--teacher-layer", help="Teacher module path (repeatable; default: its default_feature_layers)."),
+             student_layer: Optional[List[str]] = typer.Option(None, "--student-layer", help="Student module path (repeatable; default: its default_feature_layers).")):
+    """Linear CKA between every teacher and student layer on real data: heat-map, table, best match per student layer."""
+    from distillery.config import load_config
+    from distillery.inspect import inspect_config
+
+    res = inspect_config(load_config(config, set), out_dir=out, samples=samples, split=split,
+                         teacher_layers=teacher_layer or None, student_layers=student_layer or None)
+    table = Table(title=f"linear CKA on {res.samples} {split} samples: best teacher layer per student layer")
+    for col in ("student layer", "best teacher layer", "CKA"):
+        table.add_column(col, justify="right" if col == "CKA" else "left")
+    for s, (t, v) in res.best().items():
+        table.add_row(s, t, f"{v:.3f}")
+    console.print(table)
+    console.print(f"wrote {res.png}, {res.csv} and {res.markdown}")
 
 
 @app.command()

@@ -225,10 +225,10 @@ class _Trainable(nn.Module):
         self.method = method
         self.taps: Taps | None = None
 
-    def forward(self, inputs, targets, teacher_out: ModelOutput | None, progress: Progress):
+    def forward(self, inputs, targets, teacher_out: ModelOutput | None, progress: Progress, index=None):
         logits = forward_logits(self.student, inputs)
         feats = self.taps.collect() if self.taps is not None else {}
-        return self.method(ModelOutput(logits, feats, inputs), teacher_out, targets, progress)
+        return self.method(ModelOutput(logits, feats, inputs, index), teacher_out, targets, progress)
 
 
 def _check_trackers(track: list[str]) -> None:
@@ -363,7 +363,7 @@ def fit(
         with torch.no_grad():
             px, t_probe = source.batch(data.train.take(probe_rows).inputs, probe_rows, 0, device)
             s_logits = forward_logits(student, px)
-            s_probe = ModelOutput(s_logits, s_taps.collect() if s_taps else {}, px)
+            s_probe = ModelOutput(s_logits, s_taps.collect() if s_taps else {}, px, probe_rows.to(device))
         try:
             method.setup(s_probe, t_probe)
         except ValueError as err:
@@ -409,7 +409,7 @@ def fit(
                         progress = Progress(epoch=step / steps_per_epoch, step=step, total_steps=total_steps)
                         with accelerator.accumulate(trainable):
                             with accelerator.autocast():
-                                terms = trainable(x, y, teacher_out, progress)
+                                terms = trainable(x, y, teacher_out, progress, rows.to(device))
                             for name, value in terms.items():
                                 if not torch.isfinite(value).all():
                                     raise DivergenceError(

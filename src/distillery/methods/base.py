@@ -32,6 +32,9 @@ class ModelOutput:
     # The batch the model saw (already augmented): set on the student's output, so that a method
     # can run the student on a second view or train a peer model on the same batch.
     inputs: object = None
+    # The training-set row of each sample (set on the student's output during training): lets a
+    # method keep per-sample state, e.g. CRD's memory bank.
+    index: torch.Tensor | None = None
 
 
 @dataclass
