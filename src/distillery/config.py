@@ -108,13 +108,38 @@ class CacheConfig(_Strict):
     seed: int = Field(0, description="Seed of the stored augmentation draws.")
 
 
-class TeacherConfig(_Strict):
-    """The teacher: a run directory written by ``distillery train`` (config + weights),
-    or a model spec whose ``weights`` point at a safetensors file."""
+class TeacherSource(_Strict):
+    """One trained model: a run directory (config + weights) or a model spec with weights."""
 
     run: str | None = None
     model: ModelSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSource":
+        if (self.run is None) == (self.model is None):
+            raise ValueError("give exactly one of `run` (a training run directory) or `model` for each ensemble member")
+        return self
+
+
+class TeacherConfig(_Strict):
+    """The teacher: a run directory written by ``distillery train`` (config + weights), a
+    model spec whose ``weights`` point at a safetensors file, or an ``ensemble`` of those.
+
+    ``teacher: [{run: a}, {run: b}]`` is short for ``teacher: {ensemble: [...]}``.  An ensemble
+    is one teacher to every method and to the cache: its logits are ``combine``d from the
+    members' (MEAL V2 averages the members' probabilities), and member ``i``'s own logits and
+    layers can be tapped as ``members.i`` / ``members.i.<layer>``."""
+
+    run: str | None = None
+    model: ModelSpec | None = None
+    ensemble: list[TeacherSource] | None = Field(None, min_length=1, description="Several teachers acting as one.")
+    combine: Literal["mean_probs", "mean_logits"] = Field(
+        "mean_probs", description="Ensemble logits: log of the members' mean softmax (mean_probs) or their mean logits.")
     cache: CacheConfig | None = Field(None, description="`true` or a mapping: distil from a teacher-output cache.")
+
+    @property
+    def sources(self) -> list[TeacherSource]:
+        return list(self.ensemble) if self.ensemble else [TeacherSource(run=self.run, model=self.model)]
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -123,10 +148,16 @@ class TeacherConfig(_Strict):
             return {}
         return None if v is False else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _list_is_ensemble(cls, v):
+        return {"ensemble": v} if isinstance(v, list) else v
+
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
-        if (self.run is None) == (self.model is None):
-            raise ValueError("give exactly one of `teacher.run` (a training run directory) or `teacher.model`")
+        if sum(x is not None for x in (self.run, self.model, self.ensemble)) != 1:
+            raise ValueError("give exactly one of `teacher.run` (a training run directory), `teacher.model`, "
+                             "or `teacher.ensemble` (a list of those)")
         return self
 
 

@@ -36,12 +36,11 @@ def store_path(cfg: RunConfig) -> Path:
     c = cfg.teacher.cache
     if c is not None and c.dir:
         return Path(c.dir)
-    name = Path(cfg.teacher.run).name if cfg.teacher.run else Path(cfg.teacher.model.weights or "teacher").stem
-    return Path(cfg.output_dir) / "teacher-cache" / name
+    names = [Path(t.run).name if t.run else Path(t.model.weights or "teacher").stem for t in cfg.teacher.sources]
+    return Path(cfg.output_dir) / "teacher-cache" / "+".join(names)
 
 
-def _teacher_weights(cfg: RunConfig) -> tuple[Path, dict]:
-    t = cfg.teacher
+def _teacher_weights(t) -> tuple[Path, dict]:
     if t.run is not None:
         return Path(t.run) / "model.safetensors", {"run_config": (Path(t.run) / "config.yaml").read_text()
                                                    if (Path(t.run) / "config.yaml").is_file() else None}
@@ -54,14 +53,19 @@ def _teacher_weights(cfg: RunConfig) -> tuple[Path, dict]:
 def fingerprint(cfg: RunConfig, data: DataBundle) -> dict[str, Any]:
     """What the stored outputs depend on.  Hashes the teacher's weight FILE, so checking a
     cache never builds the teacher."""
-    weights, spec = _teacher_weights(cfg)
-    if not weights.is_file():
-        raise ModelError(f"teacher weights not found at {weights}; train the teacher first (`distillery train ...`)")
-    c = cfg.teacher.cache
     import hashlib
     import json
 
-    teacher = hashlib.sha256((sha256_file(weights) + json.dumps(spec, sort_keys=True, default=str)).encode()).hexdigest()
+    parts = []
+    for source in cfg.teacher.sources:
+        weights, spec = _teacher_weights(source)
+        if not weights.is_file():
+            raise ModelError(f"teacher weights not found at {weights}; train the teacher first (`distillery train ...`)")
+        parts.append(sha256_file(weights) + json.dumps(spec, sort_keys=True, default=str))
+    if cfg.teacher.ensemble is not None:
+        parts.append(f"ensemble:{cfg.teacher.combine}")
+    c = cfg.teacher.cache
+    teacher = hashlib.sha256("".join(parts).encode()).hexdigest()
     return {
         "teacher": teacher,
         "data": data.fingerprint,

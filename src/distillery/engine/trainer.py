@@ -89,11 +89,43 @@ def _check_model_fits(model: nn.Module, data: DataBundle, role: str, check_class
         )
 
 
+class Ensemble(nn.Module):
+    """Several frozen teachers as one: ``members.i`` are the models; the output combines their
+    logits -- ``mean_probs``: log of the mean softmax (a proper distribution: MEAL V2's target,
+    Shen & Savvides 2020, Sec. 3), ``mean_logits``: the mean logit vector."""
+
+    def __init__(self, members: list[nn.Module], combine: str = "mean_probs"):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.combine = combine
+        first = getattr(members[0], "default_feature_layers", None) or []
+        self.default_feature_layers = [f"members.0.{name}" for name in first]
+
+    def forward(self, x):
+        logits = torch.stack([forward_logits(m, x).float() for m in self.members])
+        if self.combine == "mean_logits":
+            return logits.mean(0)
+        return torch.logsumexp(torch.log_softmax(logits, -1), 0) - math.log(len(self.members))
+
+
 def load_teacher(cfg: RunConfig, data: DataBundle, check_classes: bool = True) -> nn.Module:
-    """Build the teacher from a training run directory or a model spec with safetensors weights."""
+    """Build the teacher from a training run directory or a model spec with safetensors weights
+    (or an :class:`Ensemble` of those)."""
+    tcfg = cfg.teacher
+    members = [_load_source(src, data, check_classes) for src in tcfg.sources]
+    if tcfg.ensemble is None:
+        return members[0]
+    counts = {m.head.out_features if hasattr(m, "head") else None for m in members} - {None}
+    if len(counts) > 1:
+        raise ModelError(f"the ensemble's teachers predict different class counts {sorted(counts)}; they must share one label set")
+    teacher = Ensemble(members, tcfg.combine)
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def _load_source(tcfg, data: DataBundle, check_classes: bool) -> nn.Module:
     from distillery.config import load_config
 
-    tcfg = cfg.teacher
     if tcfg.run is not None:
         run = Path(tcfg.run)
         weights = run / "model.safetensors"

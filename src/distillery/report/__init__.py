@@ -130,7 +130,10 @@ def _teacher(run: Run, data: DataBundle, notes: list[str]) -> _Model | None:
     except DistilleryError as err:
         notes.append(f"The teacher could not be loaded, so teacher columns are left out: {err}")
         return None
-    if tcfg.run is not None:
+    if tcfg.ensemble is not None:
+        names = "+".join(Path(t.run).name if t.run else t.model.arch for t in tcfg.ensemble)
+        label, weights, run_dir = f"teacher ensemble ({names})", None, None
+    elif tcfg.run is not None:
         label, weights, run_dir = f"teacher ({Path(tcfg.run).name})", Path(tcfg.run) / "model.safetensors", Path(tcfg.run)
     else:
         label, weights, run_dir = f"teacher ({tcfg.model.arch})", Path(tcfg.model.weights), None
