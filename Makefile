@@ -13,11 +13,14 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev,hf,tables]"
+	# Reference implementations the tests compare our losses with (pure Python; --no-deps so
+	# they cannot replace the torch above).
+	$(BIN)/pip install -q --no-deps "torchdistill==1.1.5"
 	touch $@
 
 # Debian packages when we may install them: Fashion-MNIST (data) and Chromium (the test that

@@ -153,12 +153,24 @@ def inspect_(config: Path, set: Optional[List[str]] = SetOpt,
              samples: int = typer.Option(512, help="Rows of real data to compare the layers on."),
              split: str = typer.Option("train", help="train, val or test"),
              teacher_layer: Optional[List[str]] = typer.Option(None, "--teacher-layer", help="Teacher module path (repeatable; default: its default_feature_layers)."),
-             student_layer: Optional[List[str]] = typer.Option(None, "--student-layer", help="Student module path (repeatable; default: its default_feature_layers).")):
+             student_layer: Optional[List[str]] = typer.Option(None, "--student-layer", help="Student module path (repeatable; default: its default_feature_layers)."),
+             list_modules: bool = typer.Option(False, "--list", help="Only list both models' module paths (what a layer can be).")):
     """Linear CKA between every teacher and student layer on real data: heat-map, table, best match per student layer."""
     from distillery.config import load_config
-    from distillery.inspect import inspect_config
+    from distillery.inspect import build_pair, inspect_config, module_paths
 
-    res = inspect_config(load_config(config, set), out_dir=out, samples=samples, split=split,
+    cfg = load_config(config, set)
+    if list_modules:
+        for role, model in zip(("teacher", "student"), build_pair(cfg)):
+            table = Table(title=f"{role} modules ({type(model).__name__}); default layers: "
+                                f"{', '.join(getattr(model, 'default_feature_layers', []) or []) or 'none'}")
+            table.add_column("module path")
+            table.add_column("type")
+            for name, kind in module_paths(model):
+                table.add_row(name, kind)
+            console.print(table)
+        return
+    res = inspect_config(cfg, out_dir=out, samples=samples, split=split,
                          teacher_layers=teacher_layer or None, student_layers=student_layer or None)
     table = Table(title=f"linear CKA on {res.samples} {split} samples: best teacher layer per student layer")
     for col in ("student layer", "best teacher layer", "CKA"):
