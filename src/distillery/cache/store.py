@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -92,7 +93,14 @@ def memmap_tensors(path: Path) -> dict[str, np.memmap]:
         shape = tuple(info["shape"])
         if (end - begin) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
             raise CacheError(f"{path}: tensor '{name}' has an inconsistent size; the shard is corrupt — rebuild with --rebuild")
-        out[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+        arr = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+        # Batches gather random rows: without this hint the kernel reads ahead around every page
+        # fault, and under memory pressure read-ahead pages are evicted before use -- measured on a
+        # 13 GB store in a 0.8 GB cgroup: 30.6 GB read for 0.5 GB of rows, vs 0.2 GB with it.
+        mapping = getattr(arr, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            mapping.madvise(mmap.MADV_RANDOM)
+        out[name] = arr
     return out
 
 
