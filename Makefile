@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev,hf,tables]"
 	# Reference implementations the tests compare our losses with (pure Python; --no-deps so
 	# they cannot replace the torch above).
-	$(BIN)/pip install -q --no-deps "torchdistill==1.1.5"
+	$(BIN)/pip install -q --no-deps "torchdistill==1.1.5" "trl==1.16.0"
 	touch $@
 
 # Debian packages when we may install them: Fashion-MNIST (data) and Chromium (the test that

@@ -5,6 +5,7 @@
     distillery self-distill CONFIG --rounds N   rounds of self-distillation, label weight per round
     distillery eval CONFIG_OR_RUN      evaluate a finished run on its test split
     distillery inspect CONFIG          linear CKA between teacher and student layers (heat-map)
+    distillery search CONFIG           training-free student architecture search (DisWOT)
     distillery demo                    the end-to-end Fashion-MNIST demo
     distillery cache build CONFIG      run the teacher once, store its outputs
     distillery report / compare / export   read, rank and ship results
@@ -179,6 +180,29 @@ def inspect_(config: Path, set: Optional[List[str]] = SetOpt,
         table.add_row(s, t, f"{v:.3f}")
     console.print(table)
     console.print(f"wrote {res.png}, {res.csv} and {res.markdown}")
+
+
+@app.command("search")
+@friendly
+def search_(config: Path, set: Optional[List[str]] = SetOpt,
+            distill_top: int = typer.Option(0, "--distill-top", min=0, help="Then distil the top K candidates (and the hand-picked run.student, if any)."),
+            overwrite: bool = typer.Option(False, help="With --distill-top: replace existing run directories.")):
+    """Training-free student search (DisWOT): rank the space by a proxy; write the top-k as distil configs, a table and a Pareto plot."""
+    from distillery.search import distill_top as distill_candidates, load_search_config, run_search
+
+    cfg = load_search_config(config, set)
+    cfg.search.top_k = max(cfg.search.top_k, distill_top)  # --distill-top 5 needs five configs
+    result = run_search(cfg)
+    table = Table(title=f"top {len(result.top)} of {len(result.rows)} architectures by {result.proxy} ({result.seconds:.0f} s)")
+    for col in ("rank", "architecture", "score", "params", "MACs", "config"):
+        table.add_column(col, justify="right" if col in ("score", "params", "MACs") else "left")
+    rows = [(str(i), r) for i, r in enumerate(result.top, start=1)] + ([("hand-picked", result.reference)] if result.reference else [])
+    for label, r in rows:
+        table.add_row(label, r.candidate.key, f"{r.score:.5g}", f"{r.cost.params:,}", f"{r.cost.macs:,}", r.config.name)
+    console.print(table)
+    console.print(f"wrote {result.files['markdown']}, {result.files['pareto']} and {result.files['csv']}")
+    if distill_top:
+        console.print(f"wrote {distill_candidates(result, distill_top, overwrite=overwrite)}")
 
 
 @app.command()

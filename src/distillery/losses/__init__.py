@@ -17,6 +17,9 @@ import torch
 from torch import Tensor
 
 from distillery.errors import ConfigError
+from distillery.losses.dhkd import binary_kl, binary_kl_norm
+from distillery.losses.lm import chunked_token_loss, skew_kl, skew_reverse_kl, uld
+from distillery.losses.multilabel import binary_cross_entropy, binary_kd
 from distillery.losses.sinkhorn import sinkhorn_distance, sinkhorn_kd
 from distillery.losses.taid import TAIDSchedule, taid_loss
 from distillery.losses.features import attention_map, attention_transfer, hint_mse
@@ -36,6 +39,14 @@ from distillery.losses.logits import (
 )
 
 __all__ = [
+    "binary_cross_entropy",
+    "binary_kd",
+    "binary_kl",
+    "binary_kl_norm",
+    "chunked_token_loss",
+    "skew_kl",
+    "skew_reverse_kl",
+    "uld",
     "TAIDSchedule",
     "sinkhorn_distance",
     "sinkhorn_kd",
@@ -81,6 +92,12 @@ _REGISTRY: dict[str, tuple[LossFn, bool]] = {
     "tv": (total_variation, False),
     "taid": (taid_loss, False),
     "sinkhorn": (sinkhorn_kd, False),
+    "skew_kl": (skew_kl, False),
+    "skew_reverse_kl": (skew_reverse_kl, False),
+    "uld": (uld, False),
+    "binary_kd": (binary_kd, False),
+    "binary_kl": (binary_kl, False),
+    "binary_kl_norm": (binary_kl_norm, False),
 }
 
 
