@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=1000)
     ap.add_argument("--runs", type=Path, default=HERE / "runs" / "fmnist")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "fmnist_classification.md")
+    ap.add_argument("--skip", nargs="*", default=[], help="registered methods to leave out of this run (named in the table)")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 5
@@ -96,7 +97,7 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     for pair, student in PAIRS.items():
         for name, spec in methods.items():
-            if name.endswith("_for_test") or name in ELSEWHERE:
+            if name.endswith("_for_test") or name in ELSEWHERE or name in args.skip:
                 continue
             if name == "at" and student["arch"] == "mlp":
                 continue  # attention maps need a spatial student feature
@@ -118,7 +119,8 @@ def main() -> None:
     lines = [
         "# Fashion-MNIST classification benchmark",
         "",
-        f"- Command: `python benchmarks/fmnist_classification.py{' --quick' if args.quick else ''}`",
+        f"- Command: `python benchmarks/fmnist_classification.py{' --quick' if args.quick else ''}"
+        f"{(' --skip ' + ' '.join(args.skip)) if args.skip else ''}`",
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; total wall time {(time.perf_counter() - t0) / 60:.1f} min",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}, no GPU",
         f"- Teacher: CNN width 32 ({teacher['params']:,} params), 3 epochs (Adam 1e-3, cosine) on all 60k training images (minus the 10% validation split), "
@@ -131,7 +133,8 @@ def main() -> None:
         "- Teacher-free methods (teacher column: no) never see the CNN w32 teacher. `selfdistill` = round 0 on labels, "
         "then one round distilled from round 0 with the estimated label weight alpha (its epoch time covers all three "
         "trainings: round 0, the alpha = 0 probe and round 1). `dml` trains a peer of the same architecture alongside.",
-        "- Not in this table: " + "; ".join(f"`{k}` ({v})" for k, v in ELSEWHERE.items()) + ".",
+        "- Not in this table: " + "; ".join(f"`{k}` ({v})" for k, v in ELSEWHERE.items())
+        + ("; not benchmarked in this run: " + ", ".join(f"`{m}`" for m in args.skip) if args.skip else "") + ".",
         "",
         "| pair | method | teacher | test accuracy (%) mean ± std | Δ vs scratch | Δ vs kd | epoch time (s) | params |",
         "|---|---|---|---|---|---|---|---|",

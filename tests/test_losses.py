@@ -442,7 +442,7 @@ def test_attention_transfer_rejects_mismatched_inputs():
 def test_available_lists_every_logit_loss_with_its_summary():
     listed = losses.available()
     # the others are tested in tests/test_losses_taid_sinkhorn.py, test_lm_losses.py, test_multilabel.py, test_method_dhkd.py
-    assert list(listed) == ALL_NAMES + ["taid", "sinkhorn", "skew_kl", "skew_reverse_kl", "uld", "binary_kd",
+    assert list(listed) == ALL_NAMES + ["taid", "sinkhorn", "skew_kl", "skew_reverse_kl", "uld", "swing", "binary_kd",
                                         "binary_kl", "binary_kl_norm"]
     assert listed["kd"].startswith("Classic knowledge distillation")
     assert all(summary for summary in listed.values())

@@ -480,6 +480,7 @@ def fit(
                         val = evaluate(raw.student, data.val, device, cfg.data.eval_batch_size) if len(data.val) else {}
                         val_acc = val.get("accuracy", float("nan"))
                         row.update({"val_accuracy": val.get("accuracy"), "val_loss": val.get("loss")})
+                    row.update({f"method_{k}": float(v) for k, v in raw.method.log_values().items()})
                     if teacher_acc is not None:
                         row["teacher_test_accuracy"] = teacher_acc
                     sums, count = {}, 0

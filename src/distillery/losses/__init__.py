@@ -21,6 +21,7 @@ from distillery.losses.dhkd import binary_kl, binary_kl_norm
 from distillery.losses.lm import chunked_token_loss, skew_kl, skew_reverse_kl, uld
 from distillery.losses.multilabel import binary_cross_entropy, binary_kd
 from distillery.losses.sinkhorn import sinkhorn_distance, sinkhorn_kd
+from distillery.losses.swing import swing_kd
 from distillery.losses.taid import TAIDSchedule, taid_loss
 from distillery.losses.features import attention_map, attention_transfer, hint_mse
 from distillery.losses.logits import (
@@ -47,6 +48,7 @@ __all__ = [
     "skew_kl",
     "skew_reverse_kl",
     "uld",
+    "swing_kd",
     "TAIDSchedule",
     "sinkhorn_distance",
     "sinkhorn_kd",
@@ -95,6 +97,7 @@ _REGISTRY: dict[str, tuple[LossFn, bool]] = {
     "skew_kl": (skew_kl, False),
     "skew_reverse_kl": (skew_reverse_kl, False),
     "uld": (uld, False),
+    "swing": (swing_kd, False),
     "binary_kd": (binary_kd, False),
     "binary_kl": (binary_kl, False),
     "binary_kl_norm": (binary_kl_norm, False),

@@ -75,6 +75,11 @@ class Method(nn.Module):
 
         return forward_logits(self._student, inputs)
 
+    def log_values(self) -> dict[str, float]:
+        """State worth watching that is not a loss term (e.g. TAID's t): the engine writes it into
+        each epoch's metrics row as ``method_<name>``, without adding it to the loss."""
+        return {}
+
     def eval_models(self) -> dict[str, nn.Module]:
         """Extra trainable models the method owns (e.g. the peer in mutual learning): the engine
         evaluates each on the test split and reports ``test_accuracy_<name>``."""
