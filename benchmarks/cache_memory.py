@@ -113,8 +113,10 @@ def main() -> None:
     cfg_file = runs / "config.yaml"
     cfg_file.write_text(yaml.safe_dump(raw))
     t_build = time.perf_counter()
+    reused = (store / "manifest.json").is_file()
     manifest = build_from_config(cfg_file)
-    build_s = time.perf_counter() - t_build
+    build_note = (f"built earlier in {manifest['build_seconds']:.0f} s (reused: same fingerprint)" if reused
+                  else f"built in {time.perf_counter() - t_build:.0f} s")
     store_bytes = sum(f.stat().st_size for f in store.glob("*.safetensors"))
     # Evict the store from the page cache: its pages were cached (and charged to this process's
     # cgroup) by the build; the training child must read them itself, under its own limit.
@@ -152,7 +154,7 @@ def main() -> None:
              f"- Store: reinforced cache of the CNN w32 teacher over {manifest['num_samples']:,} Fashion-MNIST training images, "
              f"{manifest['views']} augmented views each, logits + feature map `{tap}` (32 x 28 x 28) in fp16: "
              f"**{gib(store_bytes)} on disk = {store_bytes / ram:.2f} x RAM** "
-             f"({manifest['bytes_per_sample'] / 1024:.1f} KiB per sample); built in {build_s:.0f} s.",
+             f"({manifest['bytes_per_sample'] / 1024:.1f} KiB per sample); {build_note}.",
              f"- Training: FitNets on that feature (CNN w16 student, 1 epoch, batch 128) in a child process"
              + (f" inside a cgroup limited to **{gib(limit)}**" if group is not None else
                 " (no cgroup available here: unconstrained, so RssFile shows pages touched, not a bound)") + ".", "",
