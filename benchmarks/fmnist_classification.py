@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=HERE / "runs" / "fmnist")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "fmnist_classification.md")
     ap.add_argument("--skip", nargs="*", default=[], help="registered methods to leave out of this run (named in the table)")
+    ap.add_argument("--finished-only", nargs="*", default=[], choices=["same", "cross"],
+                    help="for these pairs, report only runs already finished on disk (train nothing new)")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 5
@@ -95,6 +97,7 @@ def main() -> None:
 
     methods = available()
     results: dict[tuple[str, str], list[dict]] = {}
+    unrun: set[str] = set()
     for pair, student in PAIRS.items():
         for name, spec in methods.items():
             if name.endswith("_for_test") or name in ELSEWHERE or name in args.skip:
@@ -106,6 +109,11 @@ def main() -> None:
                        "method": {"name": name, "params": PARAMS.get(name, {})}, "train": {**train, "seed": seed}}
                 if spec.needs_teacher:
                     raw["teacher"] = {"run": teacher_dir}
+                if ("same" if "same family" in pair else "cross") in args.finished_only:
+                    cfg = config_from_dict({**raw, "output_dir": str(args.runs)})
+                    if not (cfg.run_dir / "summary.json").is_file():
+                        unrun.add(f"{name} ({pair.split(' (')[0]})")
+                        continue
                 print(f"[{time.perf_counter() - t0:6.0f}s] {pair}: {name} seed {seed}", flush=True)
                 if name == "selfdistill":
                     raw.pop("teacher", None)
@@ -120,7 +128,8 @@ def main() -> None:
         "# Fashion-MNIST classification benchmark",
         "",
         f"- Command: `python benchmarks/fmnist_classification.py{' --quick' if args.quick else ''}"
-        f"{(' --skip ' + ' '.join(args.skip)) if args.skip else ''}`",
+        f"{(' --skip ' + ' '.join(args.skip)) if args.skip else ''}"
+        f"{(' --finished-only ' + ' '.join(args.finished_only)) if args.finished_only else ''}`",
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; total wall time {(time.perf_counter() - t0) / 60:.1f} min",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}, no GPU",
         f"- Teacher: CNN width 32 ({teacher['params']:,} params), 3 epochs (Adam 1e-3, cosine) on all 60k training images (minus the 10% validation split), "
@@ -134,7 +143,8 @@ def main() -> None:
         "then one round distilled from round 0 with the estimated label weight alpha (its epoch time covers all three "
         "trainings: round 0, the alpha = 0 probe and round 1). `dml` trains a peer of the same architecture alongside.",
         "- Not in this table: " + "; ".join(f"`{k}` ({v})" for k, v in ELSEWHERE.items())
-        + ("; not benchmarked in this run: " + ", ".join(f"`{m}`" for m in args.skip) if args.skip else "") + ".",
+        + ("; not benchmarked in this run: " + ", ".join(f"`{m}`" for m in args.skip) if args.skip else "")
+        + ("; not run yet (budget of this session): " + ", ".join(sorted(unrun)) if unrun else "") + ".",
         "",
         "| pair | method | teacher | test accuracy (%) mean ± std | Δ vs scratch | Δ vs kd | epoch time (s) | params |",
         "|---|---|---|---|---|---|---|---|",
