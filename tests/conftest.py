@@ -43,3 +43,34 @@ def tiny_cfg(tmp_path, **over):
     for key, value in over.items():
         raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) and isinstance(value, dict) else value
     return config_from_dict(raw)
+
+
+def interrupt_then_resume(cfg, monkeypatch, at_step: int):
+    """Run ``cfg`` with a hard interrupt (KeyboardInterrupt inside the optimiser step) at Adam
+    step ``at_step``, check the engine reports it, then resume; returns the resumed RunResult."""
+    import torch
+
+    from distillery.engine import Interrupted, fit
+
+    real_step, calls = torch.optim.Adam.step, {"n": 0}
+
+    def flaky_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", flaky_step)
+    with pytest.raises(Interrupted):
+        fit(cfg)
+    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
+    return fit(cfg, resume=True)
+
+
+def same_weights(run_a, run_b) -> bool:
+    """Bit-identical saved weights of two finished runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(r.run_dir / "model.safetensors")) for r in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_cfg
+from conftest import interrupt_then_resume, same_weights, tiny_cfg
 from distillery import methods
 from distillery.data.strong_augment import cutout, strong_augment
 from distillery.losses.mdcs import (
@@ -208,9 +208,7 @@ def test_method_params_validation():
 def test_mdcs_end_to_end_on_digits_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Strong views are drawn from (seed, step) and the running prior is a checkpointed buffer,
     so a run interrupted mid-epoch and resumed ends with the uninterrupted run's weights."""
-    from safetensors.torch import load_file
-
-    from distillery.engine import Interrupted, fit
+    from distillery.engine import fit
 
     common = dict(method={"name": "mdcs", "params": {"cs_warmup_epochs": 0.5}},
                   data={"name": "digits", "batch_size": 32, "augment": {"pad_crop": 1}},
@@ -221,19 +219,5 @@ def test_mdcs_end_to_end_on_digits_resumes_to_the_same_weights(tmp_path, monkeyp
     row = json.loads((full.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert row["train_cs"] > 0 and row["train_diversity"] > 0
 
-    calls, real_step = {"n": 0}, torch.optim.Adam.step
-
-    def flaky_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 50:
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    cfg_b = tiny_cfg(tmp_path / "b", **common)
-    monkeypatch.setattr(torch.optim.Adam, "step", flaky_step)
-    with pytest.raises(Interrupted):
-        fit(cfg_b)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
-    resumed = fit(cfg_b, resume=True)
-    a, b = (load_file(str(r.run_dir / "model.safetensors")) for r in (full, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = interrupt_then_resume(tiny_cfg(tmp_path / "b", **common), monkeypatch, at_step=50)
+    assert same_weights(full, resumed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_cfg
+from conftest import interrupt_then_resume, same_weights, tiny_cfg
 from distillery import methods
 from distillery.config import ModelSpec
 from distillery.engine import fit
@@ -190,28 +190,9 @@ def test_digits_run(tmp_path, teacher_run, method, params, student, term):
 def test_crd_resume_reaches_same_weights(tmp_path, teacher_run, monkeypatch):
     """The memory bank (grown during the run) and Z are checkpointed: a run interrupted mid-epoch
     and resumed ends with the same weights as an uninterrupted one."""
-    from safetensors.torch import load_file
-
-    from distillery.engine import Interrupted
-
     common = dict(teacher={"run": str(teacher_run.run_dir)}, student={"arch": "cnn", "kwargs": {"width": 4}},
                   method={"name": "crd", "params": {"num_negatives": 100}},
                   train={"epochs": 2, "progress": False, "checkpoint_every": 7})
     full = fit(tiny_cfg(tmp_path / "a", **common))
-    real_step, calls = torch.optim.Adam.step, {"n": 0}
-
-    def flaky_step(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 40:  # in epoch 2, after a periodic checkpoint
-            raise KeyboardInterrupt
-        return real_step(self, *a, **k)
-
-    cfg_b = tiny_cfg(tmp_path / "b", **common)
-    monkeypatch.setattr(torch.optim.Adam, "step", flaky_step)
-    with pytest.raises(Interrupted):
-        fit(cfg_b)
-    monkeypatch.setattr(torch.optim.Adam, "step", real_step)
-    resumed = fit(cfg_b, resume=True)
-    a, b = load_file(str(full.run_dir / "model.safetensors")), load_file(str(resumed.run_dir / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    resumed = interrupt_then_resume(tiny_cfg(tmp_path / "b", **common), monkeypatch, at_step=40)  # epoch 2, after a checkpoint
+    assert same_weights(full, resumed)
