@@ -115,8 +115,9 @@ def main() -> None:
                         unrun.add(f"{name} ({pair.split(' (')[0]})")
                         continue
                 print(f"[{time.perf_counter() - t0:6.0f}s] {pair}: {name} seed {seed}", flush=True)
-                if name == "selfdistill":
+                if name == "selfdistill":  # round 0 on labels (ce), then rounds of selfdistill
                     raw.pop("teacher", None)
+                    raw["method"] = {"name": "ce"}
                     results.setdefault((pair, name), []).append(_rounds(raw, args.runs))
                 else:
                     results.setdefault((pair, name), []).append(_run(raw, args.runs))
