@@ -154,6 +154,31 @@ def main() -> None:
               "RAM under a memory limit, with anonymous and file-backed RSS measured apart, is in "
               "`benchmarks/results/cache_memory.md` (`python benchmarks/cache_memory.py`).", ""]
 
+    # ---- 4b. per-batch gather cost: many small shards vs one (shards are sized by bytes now)
+    lines += ["## Reading one batch from the store: shards of 8,192 rows vs one shard", "",
+              "| shards | gather of 128 random rows (µs, best of 5 epochs) |", "|---|---|"]
+    n_rows = 54_000
+    for shard_rows in (8192, n_rows):
+        p = runs / f"store-gather-{shard_rows}"
+        lay = CacheLayout(views=1, topk=None, dtype="float16", taps=[], shard_size=shard_rows)
+        g = torch.Generator().manual_seed(0)
+        build_store(p, {"gather": shard_rows}, lay, n_rows, 10,
+                    lambda rows, k: (torch.zeros(len(rows), 3, dtype=torch.int16), torch.randn(len(rows), 10, generator=g), {}))
+        finalize_store(p, {"gather": shard_rows}, lay, n_rows, 10)
+        from distillery.cache.store import TeacherStore
+
+        store = TeacherStore(p, verify=False)
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(1))
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for b in range(0, n_rows - 128, 128):
+                store.logits(order[b:b + 128], torch.zeros(128, dtype=torch.long))
+            best = min(best, (time.perf_counter() - t) / (n_rows // 128))
+        lines.append(f"| {len(store.manifest['shards'])} | {best * 1e6:.0f} |")
+    lines += ["", "Every batch gathers from each shard it touches; a store now defaults to ~128 MiB shards, so a "
+              "logits-only Fashion-MNIST store is a single shard.", ""]
+
     # ---- 5. two processes vs one (samples/s), same global batch
     lines += ["## 2 processes vs 1 (torchrun -> Accelerate MULTI_CPU, gloo)", ""]
     rates = {}
