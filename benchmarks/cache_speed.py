@@ -84,8 +84,8 @@ def main() -> None:
 
     # ---- 1. online vs cached KD vs plain CE, per pair
     lines += ["## KD epoch time: online teacher vs cache", "",
-              "| pair | CE (no teacher) s/epoch | online KD s/epoch | cached KD s/epoch | speed-up online/cached | cached / CE (goal <= 1.15) | test acc online / cached (%) |",
-              "|---|---|---|---|---|---|---|"]
+              "| pair | CE (no teacher) s/epoch | online KD s/epoch | cached KD s/epoch | speed-up online/cached | cached / CE (goal <= 1.15) | store in RAM / CE (floor) | test acc online / cached (%) |",
+              "|---|---|---|---|---|---|---|---|"]
     build_info = None
     for pair, student in PAIRS.items():
         common = {"data": data, "student": student, "train": {"epochs": epochs, "progress": False, "eval_every": 99}}
@@ -98,11 +98,17 @@ def main() -> None:
         cached_again = _fit({**common, "name": "cached", "teacher": {"run": tdir, "cache": {"dir": str(runs / "store-dense")}},
                              "method": {"name": "kd"}}, runs)  # second run: the store already exists
         e_ce, e_on, e_ca = _epoch_seconds(runs / "ce"), _epoch_seconds(runs / "online"), _epoch_seconds(runs / "cached")
-        lines.append(f"| {pair} | {e_ce:.2f} | {e_on:.2f} | {e_ca:.2f} | {e_on / e_ca:.1f}x | {e_ca / e_ce:.2f} | "
+        # The same cached KD with the store copied into RAM: what is left is the KD loss itself.
+        _fit({**common, "name": "cached-ram", "method": {"name": "kd"},
+              "teacher": {"run": tdir, "cache": {"dir": str(runs / "store-dense"), "load": "ram"}}}, runs)
+        e_ram = _epoch_seconds(runs / "cached-ram")
+        lines.append(f"| {pair} | {e_ce:.2f} | {e_on:.2f} | {e_ca:.2f} | {e_on / e_ca:.1f}x | {e_ca / e_ce:.2f} | {e_ram / e_ce:.2f} | "
                      f"{100 * online['test_accuracy']:.2f} / {100 * cached_again['test_accuracy']:.2f} |")
         print(lines[-1], flush=True)
     lines += ["", "The ideal speed-up is (teacher forward + student forward/backward) / (student forward/backward); "
-              "cached/CE > 1 is the cost of reading the store and computing the KD loss.", ""]
+              "cached/CE > 1 is the cost of reading the store and computing the KD loss; the 'store in RAM' column "
+              "is the same run with the store copied into memory (`teacher.cache.load: ram`), i.e. the floor set by the KD "
+              "loss and batch bookkeeping alone: the memory-mapped read costs the difference between the two columns.", ""]
 
     # ---- 2. storage per sample: dense fp16 vs fp32 vs top-k
     lines += ["## Build time and size on disk", "", "| store | build (s) | bytes per sample |", "|---|---|---|"]

@@ -44,6 +44,19 @@ def test_stored_logits_equal_online_teacher(tmp_path, teacher_run):
     assert m["bytes_per_sample"] < 10 * 4 + 6 + 400  # logits + aug params + safetensors headers
 
 
+def test_store_loaded_into_ram_reads_the_same_and_is_not_a_map(tmp_path, teacher_run):
+    import numpy as np
+
+    cfg = _cfg(tmp_path, teacher_run)
+    data = load_data(cfg.data)
+    cache.build(cfg, data, load_teacher(cfg, data), [], show_progress=False)
+    ram_cfg = _cfg(tmp_path, teacher_run, load="ram")
+    mapped, in_ram = cache.try_open(cfg, data), cache.try_open(ram_cfg, data)  # same fingerprint: one store
+    rows, views = torch.arange(0, len(data.train), 7), torch.zeros(len(range(0, len(data.train), 7)), dtype=torch.long)
+    assert torch.equal(mapped.logits(rows, views), in_ram.logits(rows, views))
+    assert isinstance(mapped._shard(0)["logits"], np.memmap) and not isinstance(in_ram._shard(0)["logits"], np.memmap)
+
+
 def test_training_from_cache_never_builds_teacher(tmp_path, teacher_run, monkeypatch):
     cfg = _cfg(tmp_path, teacher_run)
     first = fit(cfg)  # builds the cache on the way (teacher runs once)

@@ -106,6 +106,8 @@ class CacheConfig(_Strict):
     shard_size: int | None = Field(None, ge=1, description="Samples per shard file; default: as many as fit in about "
                                    "128 MiB (fewer shards = fewer reads per batch).")
     seed: int = Field(0, description="Seed of the stored augmentation draws.")
+    load: Literal["mmap", "ram"] = Field("mmap", description="Read the store memory-mapped (any size) or copy it "
+                                         "into RAM on first use (small stores; not part of the fingerprint).")
 
 
 class TeacherSource(_Strict):

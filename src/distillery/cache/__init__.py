@@ -89,7 +89,7 @@ def try_open(cfg: RunConfig, data: DataBundle) -> TeacherStore | None:
     path = store_path(cfg)
     if not (path / "manifest.json").is_file() and not (path.with_name(path.name + ".old") / "manifest.json").is_file():
         return None
-    return TeacherStore(path, expected=fingerprint(cfg, data))
+    return TeacherStore(path, expected=fingerprint(cfg, data), in_memory=cfg.teacher.cache.load == "ram")
 
 
 SHARD_BYTES = 128 * 2**20
@@ -167,4 +167,4 @@ def build(cfg: RunConfig, data: DataBundle, teacher: torch.nn.Module, taps: list
         })
     if accelerator:
         accelerator.wait_for_everyone()
-    return TeacherStore(path, expected=fp)
+    return TeacherStore(path, expected=fp, in_memory=c.load == "ram")

@@ -237,7 +237,7 @@ class TeacherStore:
     training rows ``rows`` under views ``views``; ``aug(rows, views)`` the view parameters.
     """
 
-    def __init__(self, path: Path, expected: dict[str, Any] | None = None, verify: bool = True):
+    def __init__(self, path: Path, expected: dict[str, Any] | None = None, verify: bool = True, in_memory: bool = False):
         path = Path(path)
         old = path.with_name(path.name + ".old")
         if not path.exists() and (old / "manifest.json").is_file():
@@ -264,6 +264,7 @@ class TeacherStore:
         self.shard_size = int(self.manifest["shard_size"])
         self._shards: list[dict[str, np.memmap] | None] = [None] * len(self.manifest["shards"])
         self._verify = verify
+        self._in_memory = in_memory  # copy each shard into RAM on first use (small stores)
 
     def __len__(self) -> int:
         return int(self.manifest["num_samples"])
@@ -276,7 +277,8 @@ class TeacherStore:
                 raise CacheError(f"teacher cache shard {file} is missing; rebuild with --rebuild")
             if file.stat().st_size != info["bytes"] or (self._verify and sha256_file(file) != info["sha256"]):
                 raise CacheError(f"teacher cache shard {file} is corrupt (checksum mismatch); rebuild with --rebuild")
-            self._shards[i] = memmap_tensors(file)
+            arrays = memmap_tensors(file)
+            self._shards[i] = {k: np.array(v) for k, v in arrays.items()} if self._in_memory else arrays
         return self._shards[i]
 
     def _gather(self, key: str, rows: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
