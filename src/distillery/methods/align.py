@@ -75,3 +75,11 @@ def default_pairs(student: nn.Module, teacher_layers: list[str] | None, n: int =
         )
     n = min(n, len(s_layers), len(t_layers))
     return list(zip(s_layers[-n:], t_layers[-n:]))
+
+
+def resolve_pairs(params, student, teacher_layers) -> list[tuple[str, str]]:
+    """(student, teacher) layer pairs of a feature/relation method: ``params.pairs`` when given,
+    else the ``params.n_pairs`` deepest stages paired automatically (:func:`default_pairs`)."""
+    if params.pairs:
+        return [(p.student, p.teacher) for p in params.pairs]
+    return default_pairs(student, teacher_layers, params.n_pairs)

@@ -9,7 +9,7 @@ from torch import nn
 from distillery.losses import features as FL
 from distillery.losses import logits as L
 from distillery.methods import register
-from distillery.methods.align import Align, default_pairs
+from distillery.methods.align import Align, resolve_pairs
 from distillery.methods.base import Method, ModelOutput, Params
 
 
@@ -36,10 +36,7 @@ class _FeatureMethod(Method):
 
     def __init__(self, params, *, student, teacher_layers, num_classes):
         super().__init__(params, student=student, teacher_layers=teacher_layers, num_classes=num_classes)
-        if params.pairs:
-            self.pairs = [(p.student, p.teacher) for p in params.pairs]
-        else:
-            self.pairs = default_pairs(student, teacher_layers, params.n_pairs)
+        self.pairs = resolve_pairs(params, student, teacher_layers)
         self.student_taps = [s for s, _ in self.pairs]
         self.teacher_taps = [t for _, t in self.pairs]
         self.aligners = nn.ModuleList()
