@@ -74,3 +74,17 @@ def same_weights(run_a, run_b) -> bool:
 
     a, b = (load_file(str(r.run_dir / "model.safetensors")) for r in (run_a, run_b))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="session")
+def lm_tiny(tmp_path_factory):
+    """Tiny real causal LMs shared by the LM tests: a byte-level BPE (300 tokens) trained on a few
+    standard-library files, a 2-layer GPT-2 teacher and a 1-layer student (random weights,
+    context 64).  Built once per session (tokenizer training is the slow part)."""
+    from lm_helpers import make_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("lm-tiny")
+    tok = make_tokenizer(root / "tok")
+    return {"root": root, "tok": tok,
+            "teacher": make_model(root / "teacher", tok, n_layer=2, n_embd=48, n_positions=64, seed=0),
+            "student": make_model(root / "student", tok, n_layer=1, n_embd=32, n_positions=64, seed=1)}

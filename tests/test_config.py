@@ -73,5 +73,10 @@ def test_shipped_configs_validate(path):
 
         load_search_config(path)
         return
+    if path.parent.name == "lm":  # a `distillery lm distill` config
+        from distillery.lm.config import load_lm_config
+
+        assert load_lm_config(path).student.path
+        return
     cfg = load_config(path)
     assert cfg.student.arch

@@ -409,3 +409,60 @@ def test_fused_half_precision_close_to_float32():
     assert got.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
     ref = jsd(F.linear(h, w), t, y)
     assert got.item() == pytest.approx(ref.item(), rel=3e-2)
+
+
+# --------------------------------------------------------------------------- top-k buckets
+
+
+def _coarsen(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Naive (k+1)-bucket coarsening of full log-probs: the k ids, then the rest."""
+    p = logp.exp()
+    top = p.gather(-1, ids)
+    return torch.cat([top, 1 - top.sum(-1, keepdim=True)], -1).log()
+
+
+@pytest.mark.parametrize("name, params", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("tv", {})])
+def test_topk_buckets_with_k_equal_to_the_vocabulary_give_the_dense_loss(name, params):
+    from distillery.losses.lm import TOKEN_LOSSES, topk_buckets
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11, dtype=torch.float64), 3 * torch.randn(2, 5, 11, dtype=torch.float64)
+    t_lp = torch.log_softmax(t, -1)
+    ids = t_lp.argsort(-1, descending=True)
+    sb, tb = topk_buckets(s, ids, t_lp.gather(-1, ids), min_tail=1e-30)
+    fn = TOKEN_LOSSES[name]
+    dense = fn(s, t, **params)
+    torch.testing.assert_close(fn(sb, tb, **params), dense, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, params", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5}), ("tv", {})])
+def test_topk_buckets_equal_the_hand_coarsened_distributions_and_never_exceed_the_dense_loss(name, params):
+    from distillery.losses.lm import TOKEN_LOSSES, topk_buckets
+
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 4, 50, dtype=torch.float64), 2 * torch.randn(3, 4, 50, dtype=torch.float64)
+    T = 2.0
+    s_lp, t_lp = torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1)
+    ids = t_lp.topk(8, -1).indices
+    sb, tb = topk_buckets(s, ids, t_lp.gather(-1, ids), temperature=T)
+    torch.testing.assert_close(sb, _coarsen(s_lp, ids))
+    torch.testing.assert_close(tb, _coarsen(t_lp, ids))
+    fn = TOKEN_LOSSES[name]
+    assert float(fn(sb, tb, **params)) <= float(fn(s_lp, t_lp, **params)) + 1e-12  # data processing inequality
+
+
+def test_topk_buckets_gradients_and_bad_shapes():
+    from distillery.losses.lm import topk_buckets
+
+    torch.manual_seed(2)
+    s = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    t_lp = torch.log_softmax(torch.randn(2, 3, 9, dtype=torch.float64), -1)
+    ids = t_lp.topk(4, -1).indices
+    torch.autograd.gradcheck(lambda x: topk_buckets(x, ids, t_lp.gather(-1, ids))[0], (s,))
+    with pytest.raises(ValueError, match="must be"):
+        topk_buckets(s, ids[..., :2], t_lp.gather(-1, ids))
+    # float16 storage can round the top-k mass to >= 1: the teacher's tail stays finite, buckets sum to 1
+    stored = torch.zeros(2, 3, 4, dtype=torch.float16)  # four tokens at probability 1 each
+    _, tb = topk_buckets(s, ids, stored)
+    assert torch.isfinite(tb).all()
+    torch.testing.assert_close(tb.exp().sum(-1), torch.ones(2, 3, dtype=torch.float64))

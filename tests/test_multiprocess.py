@@ -55,3 +55,28 @@ def test_two_processes_match_one(tmp_path):
     w1, w2 = load_file(str(out / "one" / "model.safetensors")), load_file(str(out / "two" / "model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_lm_distillation_two_processes_match_one(tmp_path):
+    """`distillery lm distill` under torchrun: 2 processes x 2 sequences = 1 process x 4."""
+    from lm_helpers import make_model, make_tokenizer, source_glob
+
+    tok = make_tokenizer(tmp_path / "tok")
+    teacher = make_model(tmp_path / "teacher", tok, n_layer=2, n_embd=32, n_positions=64, dropout=0.0)
+    student = make_model(tmp_path / "student", tok, n_layer=1, n_embd=32, n_positions=64, seed=1, dropout=0.0)
+    base = {"output_dir": str(tmp_path / "runs"), "teacher": {"path": str(teacher)}, "student": {"path": str(student)},
+            "data": {"source": source_glob(), "block_size": 32, "eval_fraction": 0.25, "max_eval_blocks": 4},
+            "loss": {"name": "jsd", "params": {"beta": 0.5}}}
+    for name, n, batch in (("one", 1, 4), ("two", 2, 2)):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({**base, "name": name, "train": {"max_steps": 3, "batch_size": batch,
+                                                                      "progress": False, "lr": 1e-3}}))
+        r = _launch(n, "lm", "distill", str(cfg), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    w1 = load_file(str(tmp_path / "runs" / "one" / "student" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "runs" / "two" / "student" / "model.safetensors"))
+    w0 = load_file(str(student / "model.safetensors"))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)

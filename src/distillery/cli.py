@@ -8,6 +8,7 @@
     distillery search CONFIG           training-free student architecture search (DisWOT)
     distillery demo                    the end-to-end Fashion-MNIST demo
     distillery cache build CONFIG      run the teacher once, store its outputs
+    distillery lm demo|prepare|distill|cache build   causal-LM distillation (see distillery.cli_lm)
     distillery report / compare / export   read, rank and ship results
     distillery methods / models        what exists
 """
@@ -214,6 +215,10 @@ def demo(output_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo
 
     run_demo(output_dir, quick=quick, console=console)
 
+
+from distillery.cli_lm import lm_app  # noqa: E402  (the `distillery lm ...` commands)
+
+app.add_typer(lm_app, name="lm")
 
 cache_app = typer.Typer(help="Teacher-output cache: run the teacher once, distil many times.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")

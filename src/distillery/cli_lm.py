@@ -1,0 +1,98 @@
+"""``distillery lm ...``: causal-LM distillation on the command line (thin over ``distillery.lm``).
+
+    distillery lm demo                   prepare the offline demo (stdlib corpus, GPT-2 teacher) and distil
+    distillery lm prepare                only the demo's tokenizer, teacher and student initialisation
+    distillery lm distill CONFIG         distil (or train with loss: ce) from a config such as configs/lm/fkl.yaml
+    distillery lm cache build CONFIG     run the teacher once; store top-k / sampled log-probs
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+lm_app = typer.Typer(help="Distil causal language models (Hugging Face transformers).", no_args_is_help=True)
+cache_app = typer.Typer(help="Sparse teacher-logit cache for LM distillation.", no_args_is_help=True)
+lm_app.add_typer(cache_app, name="cache")
+console = Console()
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: --set train.max_steps=50 (repeatable).")
+
+_SHOWN = ("eval_ppl", "teacher_ppl", "agreement", "eval_kl", "student_params", "teacher_params", "steps", "wall_seconds")
+
+
+def _table(title: str, summaries: dict[str, dict]) -> Table:
+    table = Table(title=title)
+    table.add_column("run")
+    for key in _SHOWN:
+        table.add_column(key, justify="right")
+    for name, s in summaries.items():
+        cells = []
+        for key in _SHOWN:
+            v = s.get(key)
+            cells.append("—" if v is None else f"{100 * v:.2f}%" if key == "agreement" else
+                         f"{v:,.2f}" if isinstance(v, float) else f"{v:,}")
+        table.add_row(name, *cells)
+    return table
+
+
+def _friendly(fn):
+    from distillery.cli import friendly
+
+    return friendly(fn)
+
+
+@lm_app.command("distill")
+@_friendly
+def distill(config: Path, set: Optional[List[str]] = SetOpt,
+            resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
+            overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+            rebuild_cache: bool = typer.Option(False, help="Rebuild the teacher cache even if one exists.")):
+    """Distil a causal LM from a config (loss: ce trains without a teacher)."""
+    from distillery.lm.config import load_lm_config
+    from distillery.lm.trainer import distill_lm
+
+    cfg = load_lm_config(config, set)
+    result = distill_lm(cfg, resume=resume, overwrite=overwrite, rebuild_cache=rebuild_cache)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: print once
+        console.print(_table(f"{cfg.name} ({cfg.loss.name}) -> {result.run_dir}", {cfg.name: result.summary}))
+
+
+@lm_app.command("prepare")
+@_friendly
+def prepare(root: Path = typer.Option(Path("runs/lm"), help="Where the tokenizer and models go."),
+            teacher_steps: int = typer.Option(800, min=1, help="Training steps of the demo teacher.")):
+    """Train the demo's BPE tokenizer and GPT-2 teacher on the standard library; save the student's init."""
+    from distillery.lm.demo import prepare as run_prepare
+
+    paths = run_prepare(root, teacher_steps=teacher_steps)
+    console.print_json(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+@lm_app.command("demo")
+@_friendly
+def demo(root: Path = typer.Option(Path("runs/lm"), help="Where the demo's runs go."),
+         steps: int = typer.Option(300, min=1, help="Distillation steps per student."),
+         teacher_steps: int = typer.Option(800, min=1, help="Training steps of the demo teacher.")):
+    """Prepare the offline LM demo, then train the student from scratch and by forward-KL distillation."""
+    from distillery.lm.demo import run_demo
+
+    summaries = run_demo(root, steps=steps, teacher_steps=teacher_steps)
+    console.print(_table("LM demo: held-out Python stdlib text", summaries))
+
+
+@cache_app.command("build")
+@_friendly
+def cache_build(config: Path, set: Optional[List[str]] = SetOpt,
+                rebuild: bool = typer.Option(False, help="Rebuild even if a store exists.")):
+    """Run the config's teacher over its training data once and store its sparse outputs."""
+    from distillery.lm.config import load_lm_config
+    from distillery.lm.trainer import build_cache
+
+    store = build_cache(load_lm_config(config, set), rebuild=rebuild)
+    console.print(f"cache: {len(store)} sequences, scheme {store.scheme}, k={store.k}, "
+                  f"{store.bytes_per_token:.1f} bytes/token")

@@ -1,0 +1,451 @@
+"""Distil a causal LM into a smaller one: ``distill_lm(cfg)`` (``distillery lm distill CONFIG``).
+
+One loop for every token-level objective, on Accelerate (``accelerate launch`` for several
+processes; the teacher is moved to the device but never wrapped or given to the optimiser):
+
+    batch ── (probability λ: replaced by the student's own continuations, GKD) ──┐
+    teacher logits ── live (no grad) or sparse from the cache ─────────────────────┤
+    student hidden states ── LM head fused into the chunked loss ──────────────────┴─> loss
+
+The objective is ``loss.name`` (forward/reverse KL, JSD(β), skew KL, TV, TAID, ULD, or ce) +
+``loss.ce_weight`` x LM cross-entropy + ``hidden.weight`` x hidden-state loss.  Checkpoints are
+atomic and a run resumes at the step it stopped (``--resume``); the student is exported with
+``save_pretrained`` (safetensors, LoRA merged) next to its tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillery.engine.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from distillery.engine.progress import ProgressBar
+from distillery.errors import ConfigError, RunDirExistsError
+from distillery.lm import data as lmdata
+from distillery.lm import models as lmmodels
+from distillery.lm.config import LMRunConfig, dump_lm_config
+from distillery.lm.generate import generate_batch, prompts_of
+from distillery.losses.lm import TOKEN_LOSSES, chunked_token_loss, topk_buckets, uld
+
+
+@dataclass
+class LMResult:
+    run_dir: Path
+    summary: dict
+
+
+def _prepare_run_dir(cfg: LMRunConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise RunDirExistsError(f"run directory {run_dir} already exists; pass --overwrite to replace it, "
+                                    "--resume to continue it, or choose another name with --set name=NEW")
+        if not (run_dir / "config.yaml").is_file():
+            raise RunDirExistsError(f"refusing to overwrite {run_dir}: it does not look like a Distillery run")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _loss_params(cfg: LMRunConfig) -> dict:
+    """The loss's parameters, checked now (a typo fails here, not at step 1000)."""
+    import inspect
+
+    name, params = cfg.loss.name, dict(cfg.loss.params)
+    fn = uld if name == "uld" else TOKEN_LOSSES[name]
+    accepted = set(inspect.signature(fn).parameters) - {"student_logits", "teacher_logits", "targets", "teacher_targets"}
+    if name not in ("ce", "taid", "tv"):
+        params.setdefault("temperature", cfg.loss.temperature)
+    unknown = set(params) - accepted - ({"t"} if name == "taid" else set())
+    if unknown:
+        raise ConfigError(f"loss.params {sorted(unknown)} are not parameters of '{name}' (it takes {sorted(accepted)})")
+    return params
+
+
+class _Objective(nn.Module):
+    """Student (+ hidden-state projections): what Accelerate wraps and the optimiser trains.
+    ``forward`` returns the named loss terms, so that DDP sees one forward per step."""
+
+    def __init__(self, student: nn.Module, cfg: LMRunConfig, vocab: int, layer_map: nn.Module | None):
+        super().__init__()
+        self.student = student
+        self.layer_map = layer_map
+        self.cfg = cfg
+        self.vocab = vocab
+        self.params_ = _loss_params(cfg)
+        self.fused = cfg.loss.fused and cfg.loss.name not in ("ce", "uld") and cfg.cache is None
+
+    def _student(self, batch: dict, hidden: bool):
+        kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if self.fused or hidden:
+            kwargs["output_hidden_states"] = True
+        if self.fused:
+            kwargs["logits_to_keep"] = 1  # the loss computes the logits chunk by chunk from the last hidden state
+        return self.student(**kwargs)
+
+    def forward(self, batch: dict, teacher: dict, extra: dict) -> dict[str, torch.Tensor]:
+        cfg, targets, V = self.cfg, batch["targets"], self.vocab
+        out = self._student(batch, hidden=self.layer_map is not None)
+        terms: dict[str, torch.Tensor] = {}
+        params = {**self.params_, **extra}
+        if cfg.loss.name == "ce":
+            logits = out.logits[..., :V]
+            terms["ce"] = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=lmdata.IGNORE)
+        elif "sparse" in teacher:
+            from distillery.losses.lm_sparse import sampled_kl, topk_kl
+
+            s = teacher["sparse"]
+            logits = out.logits[..., :V]
+            valid = targets.masked_fill(~s["present"], lmdata.IGNORE)
+            if cfg.cache.scheme == "sample":
+                terms["kd"] = sampled_kl(logits, s["ids"], s["values"], valid, temperature=cfg.loss.temperature)
+            elif not cfg.cache.tail:
+                terms["kd"] = topk_kl(logits, s["ids"], s["values"], valid, tail=False, temperature=cfg.loss.temperature)
+            else:
+                # any token loss between the (k+1)-bucket coarsenings of student and teacher
+                T = cfg.loss.temperature
+                student_b, teacher_b = topk_buckets(logits, s["ids"], s["values"], temperature=T)
+                p = {k: v for k, v in params.items() if k != "temperature"}
+                scale = T * T if "temperature" in params else 1.0  # the dense losses' T^2
+                terms[cfg.loss.name] = scale * TOKEN_LOSSES[cfg.loss.name](student_b, teacher_b, valid, **p)
+            if cfg.loss.ce_weight:
+                terms["ce"] = cfg.loss.ce_weight * F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                                                                   ignore_index=lmdata.IGNORE)
+        elif cfg.loss.name == "uld":
+            terms["uld"] = uld(out.logits, teacher["logits"], targets, teacher["targets"], **params)
+            if cfg.loss.ce_weight:
+                terms["ce"] = cfg.loss.ce_weight * F.cross_entropy(
+                    out.logits.flatten(0, -2).float(), targets.flatten(), ignore_index=lmdata.IGNORE)
+        else:
+            t_logits = teacher["logits"][..., :V]
+            if self.fused:
+                head = self.student.get_output_embeddings()
+                bias = None if head.bias is None else head.bias[:V]
+                student_in, kw = out.hidden_states[-1], dict(lm_head=head.weight[:V], lm_head_bias=bias)
+            else:
+                student_in, kw = out.logits[..., :V], {}
+            # ce_weight rides in the same chunked pass (no full logits exist to compute it apart)
+            terms[cfg.loss.name] = chunked_token_loss(cfg.loss.name, student_in, t_logits, targets,
+                                                      chunk_size=cfg.loss.chunk_size, ce_weight=cfg.loss.ce_weight,
+                                                      **kw, **params)
+        if self.layer_map is not None:
+            mask = batch["attention_mask"]
+            terms["hidden"] = cfg.hidden.weight * self.layer_map(out.hidden_states, teacher["hidden_states"], mask)
+        return terms
+
+
+def _lr_lambda(cfg: LMRunConfig):
+    tc = cfg.train
+
+    def factor(step: int) -> float:
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        if tc.scheduler == "constant":
+            return 1.0
+        frac = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, frac))) if tc.scheduler == "cosine" else max(0.0, 1 - frac)
+
+    return factor
+
+
+@torch.no_grad()
+def _teacher_outputs(teacher, batch: dict, cfg: LMRunConfig, teacher_tok=None, student_tok=None) -> dict:
+    # no_grad rather than inference_mode: these tensors enter the student's autograd graph
+    # (as constants), which inference tensors may not.
+    if cfg.loss.name == "uld":
+        return _uld_teacher_batch(teacher, batch, teacher_tok, student_tok)
+    out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  output_hidden_states=cfg.hidden is not None)
+    return {"logits": out.logits, "hidden_states": out.hidden_states if cfg.hidden is not None else None}
+
+
+def _uld_teacher_batch(teacher, batch: dict, teacher_tok, student_tok) -> dict:
+    """Different tokenizers: the teacher reads the same text in its own tokens; its scored
+    positions are those of the student's scored text (ULD aligns them in order)."""
+    rows, masks = [], []
+    for ids, targets, attn in zip(batch["input_ids"], batch["targets"], batch["attention_mask"]):
+        n = int(attn.sum())
+        first = int((targets[:n] != lmdata.IGNORE).nonzero()[0]) + 1 if (targets[:n] != lmdata.IGNORE).any() else n
+        prompt = teacher_tok(student_tok.decode(ids[:first]), add_special_tokens=False)["input_ids"]
+        answer = teacher_tok(student_tok.decode(ids[first:n]), add_special_tokens=False)["input_ids"]
+        seq = (prompt + answer) or [teacher_tok.eos_token_id]
+        tgt = [lmdata.IGNORE] * max(0, len(prompt) - 1) + answer + [lmdata.IGNORE]
+        rows.append(seq)
+        masks.append(tgt[: len(seq)])
+    batch_t = lmdata.collate([{"input_ids": r, "targets": m, "prompt_len": 0} for r, m in zip(rows, masks)],
+                             teacher_tok.pad_token_id)
+    device = batch["input_ids"].device
+    out = teacher(input_ids=batch_t["input_ids"].to(device), attention_mask=batch_t["attention_mask"].to(device))
+    return {"logits": out.logits, "targets": batch_t["targets"].to(device)}
+
+
+@torch.no_grad()
+def evaluate_lm(student, teacher, loader, device, vocab: int) -> dict[str, float]:
+    """Held-out perplexity of the student (and teacher), next-token agreement (argmax equal)
+    and forward KL(teacher || student), all averaged over scored tokens."""
+    was = student.training
+    student.eval()
+    sums = {"nll": 0.0, "teacher_nll": 0.0, "agree": 0.0, "kl": 0.0}
+    tokens = 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        valid = batch["targets"] != lmdata.IGNORE
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab].float()
+        s_lp = F.log_softmax(s[valid], -1)
+        tgt = batch["targets"][valid]
+        sums["nll"] += float(-s_lp.gather(-1, tgt[:, None]).sum())
+        if teacher is not None:
+            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab].float()
+            t_lp = F.log_softmax(t[valid], -1)
+            sums["teacher_nll"] += float(-t_lp.gather(-1, tgt[:, None]).sum())
+            sums["agree"] += float((s_lp.argmax(-1) == t_lp.argmax(-1)).sum())
+            sums["kl"] += float((t_lp.exp() * (t_lp - s_lp)).sum())
+        tokens += int(valid.sum())
+    student.train(was)
+    n = max(tokens, 1)
+    out = {"eval_ppl": math.exp(sums["nll"] / n), "eval_tokens": tokens}
+    if teacher is not None:
+        out.update(teacher_ppl=math.exp(sums["teacher_nll"] / n), agreement=sums["agree"] / n, eval_kl=sums["kl"] / n)
+    return out
+
+
+def _cache_for(cfg: LMRunConfig, teacher, teacher_tok, train, run_dir: Path, rebuild: bool, progress: bool):
+    from distillery.lm.cache import TokenCache, build_token_cache, data_fingerprint, teacher_fingerprint
+
+    cc = cfg.cache
+    root = Path(cc.dir) if cc.dir else Path(cfg.output_dir) / "lm-cache" / f"{cfg.name}-{cc.scheme}{cc.k}"
+    expected = {"teacher": teacher_fingerprint(teacher, teacher_tok),
+                "data": data_fingerprint(row["input_ids"].tolist() for row in train),
+                "scheme": cc.scheme, "k": str(cc.k), "temperature": str(cfg.loss.temperature)}
+    if rebuild and root.exists():
+        shutil.rmtree(root)
+    if not (root / "manifest.json").is_file():
+        build_token_cache(teacher, train, root, scheme=cc.scheme, k=cc.k, temperature=cfg.loss.temperature,
+                          fingerprint=expected, seed=cfg.train.seed, progress=progress, vocab_size=len(teacher_tok))
+    return TokenCache.open(root, expected)
+
+
+def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False,
+               rebuild_cache: bool = False) -> LMResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    tc = cfg.train
+    # cpu=True without a GPU: under torchrun that is what selects multi-CPU (gloo) data parallel
+    accelerator = Accelerator(cpu=tc.cpu or not torch.cuda.is_available(), mixed_precision=tc.mixed_precision)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if accelerator.is_main_process:  # one process decides about (and clears) the run directory
+        _prepare_run_dir(cfg, resume, overwrite)
+    accelerator.wait_for_everyone()
+    set_seed(tc.seed)
+    device = accelerator.device
+
+    # ---- models, tokenizers, data: every check before the first step
+    student_tok = lmmodels.load_tokenizer(cfg.student, cfg.data.pad_token)
+    teacher_tok = lmmodels.load_tokenizer(cfg.teacher, cfg.data.pad_token) if cfg.teacher else None
+    student = lmmodels.load_model(cfg.student, "student")
+    teacher = lmmodels.load_model(cfg.teacher, "teacher") if cfg.teacher else None
+    vocab, same_vocab = len(student_tok), False
+    if teacher is not None:
+        pair = lmmodels.check_pair(teacher, teacher_tok, student, student_tok, cfg.loss.name)
+        vocab, same_vocab = pair.size, pair.same
+        teacher.eval().requires_grad_(False).to(device)
+    # agreement and KL with the teacher need one vocabulary (not so under ULD)
+    eval_teacher = teacher if same_vocab else None
+    extra_tokens = max(cfg.onpolicy.max_new_tokens if cfg.onpolicy.lmbda else 0,
+                       cfg.seqkd.max_new_tokens if cfg.seqkd.enabled else 0)
+    lmmodels.check_context({"student": student, **({"teacher": teacher} if teacher is not None else {})},
+                           cfg.data.block_size, extra_tokens)
+    splits = lmdata.load_splits(cfg.data, student_tok)
+    train = splits.train
+    if cfg.seqkd.enabled:
+        from distillery.lm.seqkd import teacher_corpus
+
+        train = teacher_corpus(teacher, train, student_tok, cfg, run_dir, device=device)
+    atomic_write_text(run_dir / "config.yaml", dump_lm_config(cfg))
+    store = _cache_for(cfg, teacher, teacher_tok, train, run_dir, rebuild_cache, tc.progress) if cfg.cache else None
+
+    layer_map = None
+    if cfg.hidden is not None:
+        from distillery.lm.hidden import LayerMap
+
+        layer_map = LayerMap(teacher.config.num_hidden_layers, student.config.num_hidden_layers,
+                             teacher.config.hidden_size, student.config.hidden_size,
+                             mapping=cfg.hidden.mapping, loss=cfg.hidden.loss)
+    objective = _Objective(student, cfg, vocab, layer_map)
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=tc.lr,
+                                  weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    taid = None
+    if cfg.loss.name == "taid":
+        from distillery.losses.taid import TAIDSchedule
+
+        taid = TAIDSchedule(**cfg.loss.taid)
+
+    pad = student_tok.pad_token_id
+    indexed = lmdata.Indexed(train)
+    steps_per_epoch = max(1, len(indexed) // (tc.batch_size * tc.grad_accum * accelerator.num_processes))
+    step, state = 0, {}
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, objective, optimizer)
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        if taid is not None:
+            taid.load_state_dict(state["taid"])
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    eval_loader = (torch.utils.data.DataLoader(splits.eval, batch_size=tc.batch_size,
+                                               collate_fn=lambda rows: lmdata.collate(rows, pad))
+                   if splits.eval is not None else None)
+    metrics_path = run_dir / "metrics.jsonl"
+    history: list[dict] = [json.loads(line) for line in metrics_path.read_text().splitlines()] if resume and metrics_path.is_file() else []
+    raw_student = lambda: accelerator.unwrap_model(objective).student  # noqa: E731
+    t0, running = time.perf_counter(), []
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), optimizer,
+                            {"step": step, "scheduler": scheduler.state_dict(),
+                             "taid": taid.state_dict() if taid is not None else None})
+        accelerator.wait_for_everyone()
+
+    objective.train()
+    with ProgressBar(tc.max_steps, enabled=tc.progress and accelerator.is_main_process, initial=step,
+                     title=cfg.name) as bar:
+        while step < tc.max_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(indexed), generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch))
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(indexed, order.tolist()),
+                                                 batch_size=tc.batch_size, drop_last=True,
+                                                 collate_fn=lambda rows: lmdata.collate(rows, pad))
+            loader = accelerator.skip_first_batches(accelerator.prepare_data_loader(loader), skip * tc.grad_accum)
+            for micro, batch in enumerate(loader):
+                # Randomness (dropout, the GKD coin, sampling) is a function of (seed, step): a
+                # resumed run repeats exactly what the uninterrupted one would have done.
+                torch.manual_seed(tc.seed * 1_000_003 + step * 101 + micro % tc.grad_accum)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                if cfg.onpolicy.lmbda and float(torch.rand(())) < cfg.onpolicy.lmbda:
+                    op = cfg.onpolicy
+                    batch = generate_batch(raw_student(), prompts_of(batch, op.prompt_length),
+                                           max_new_tokens=op.max_new_tokens, pad_id=pad,
+                                           eos_id=student_tok.eos_token_id, do_sample=True,
+                                           temperature=op.temperature, top_k=op.top_k, device=device)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                if store is not None:
+                    teacher_out = {"sparse": {k: v.to(device) for k, v in
+                                              store.batch(batch["index"].tolist(), batch["input_ids"].shape[1]).items()}}
+                elif teacher is not None:
+                    teacher_out = _teacher_outputs(teacher, batch, cfg, teacher_tok, student_tok)
+                else:
+                    teacher_out = {}
+                extra = {"t": taid.t} if taid is not None else {}
+                terms = objective(batch, teacher_out, extra)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"the loss became {float(loss)} at step {step}: lower train.lr or enable "
+                                      "train.grad_clip")
+                accelerator.backward(loss / tc.grad_accum)
+                running.append(float(loss.detach()))
+                if (micro + 1) % tc.grad_accum:
+                    continue
+                if tc.grad_clip:
+                    accelerator.clip_grad_norm_(objective.parameters(), tc.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if taid is not None:
+                    taid.update(float(terms["taid"].detach()), step / tc.max_steps)
+                bar.step(loss=sum(running[-tc.grad_accum:]) / tc.grad_accum, samples=tc.batch_size * tc.grad_accum)
+                row = {"step": step, "loss": sum(running) / len(running), **{k: float(v.detach()) for k, v in terms.items()}}
+                if taid is not None:
+                    row["taid_t"] = taid.t
+                if tc.eval_every and step % tc.eval_every == 0 and eval_loader is not None and step < tc.max_steps:
+                    row.update(evaluate_lm(raw_student(), eval_teacher, eval_loader, device, vocab))
+                if accelerator.is_main_process and (step % 10 == 0 or "eval_ppl" in row):
+                    history.append(row)
+                    with metrics_path.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                running = []
+                if step % 50 == 0 or "eval_ppl" in row:
+                    bar.set(loss=row["loss"])  # a plain log line when not on a terminal
+                if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                    checkpoint()
+                if step >= tc.max_steps:
+                    break
+    checkpoint()
+    final = evaluate_lm(raw_student(), eval_teacher, eval_loader, device, vocab) if eval_loader is not None else {}
+    summary = {"name": cfg.name, "loss": cfg.loss.name, "steps": step, "train_sequences": len(indexed),
+               "student_params": lmmodels.count_parameters(raw_student()),
+               "teacher_params": lmmodels.count_parameters(teacher) if teacher is not None else None,
+               "cache": None if store is None else {"scheme": cfg.cache.scheme, "k": cfg.cache.k,
+                                                    "bytes_per_token": store.bytes_per_token},
+               "onpolicy_lambda": cfg.onpolicy.lmbda, "seqkd": cfg.seqkd.enabled,
+               "wall_seconds": time.perf_counter() - t0, **final}
+    if accelerator.is_main_process:
+        if final:
+            history.append({"step": step, "loss": history[-1]["loss"] if history else float("nan"), **final})
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(history[-1]) + "\n")
+        _export(raw_student(), student_tok, run_dir)
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        _plot(history, run_dir)
+    accelerator.wait_for_everyone()
+    return LMResult(run_dir, summary)
+
+
+def _export(student, tokenizer, run_dir: Path) -> None:
+    """``run_dir/student``: loadable with ``AutoModelForCausalLM.from_pretrained``; written to a
+    temporary directory and renamed, so a crash never leaves half a model."""
+    model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+    tmp, final = run_dir / "student.tmp", run_dir / "student"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _plot(history: list[dict], run_dir: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot([r["step"] for r in history], [r["loss"] for r in history])
+    axes[0].set(xlabel="step", ylabel="training loss", title="loss")
+    evals = [r for r in history if "eval_ppl" in r]
+    if evals:
+        axes[1].plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], marker="o")
+        axes[1].set(xlabel="step", ylabel="held-out perplexity", title="student perplexity")
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def build_cache(cfg: LMRunConfig, *, rebuild: bool = False):
+    """``distillery lm cache build``: run the teacher once over the config's training data and
+    store its sparse outputs where ``distill_lm`` will look for them."""
+    if cfg.cache is None:
+        raise ConfigError("the config has no `cache:` section: add e.g. cache: {scheme: topk, k: 32}")
+    teacher_tok = lmmodels.load_tokenizer(cfg.teacher, cfg.data.pad_token)
+    student_tok = lmmodels.load_tokenizer(cfg.student, cfg.data.pad_token)
+    teacher = lmmodels.load_model(cfg.teacher, "teacher").eval().requires_grad_(False)
+    diff = lmmodels.vocab_difference(teacher_tok, student_tok)
+    if diff:
+        raise ConfigError(f"a token cache needs one vocabulary for teacher and student ({diff})")
+    lmmodels.check_context({"teacher": teacher}, cfg.data.block_size)
+    train = lmdata.load_splits(cfg.data, student_tok).train
+    return _cache_for(cfg, teacher, teacher_tok, train, Path(cfg.output_dir), rebuild, cfg.train.progress)
