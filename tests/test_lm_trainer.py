@@ -213,3 +213,20 @@ def test_distillation_from_the_cache_with_any_loss_and_stale_caches_refused(lm_d
     s = distill_lm(cfg_of(lm_dirs, tmp_path, name="sampled", cache={"scheme": "sample", "k": 8,
                                                                     "dir": str(tmp_path / "sampled-store")}))
     assert s.summary["cache"]["bytes_per_token"] > 0
+
+
+def test_hidden_state_distillation_trains_the_projection(lm_dirs, tmp_path):
+    from distillery.lm.trainer import distill_lm
+
+    r = distill_lm(cfg_of(lm_dirs, tmp_path, name="hidden", hidden={"weight": 0.5, "loss": "mse"}))
+    assert r.summary["steps"] == 4
+    ckpt = sorted((r.run_dir / "checkpoints").glob("step-*"))[-1]
+    from safetensors.torch import load_file
+
+    keys = load_file(str(ckpt / "trainable.safetensors")).keys()
+    assert any(k.startswith("layer_map.") for k in keys)  # the projections are trained and checkpointed
+    assert not any(k.startswith("layer_map.") for k in load_file(str(r.run_dir / "student" / "model.safetensors")))
+    from distillery.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hidden.mapping"):
+        distill_lm(cfg_of(lm_dirs, tmp_path, name="badmap", hidden={"mapping": [[5, 1]]}))

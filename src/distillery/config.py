@@ -227,6 +227,9 @@ class RunConfig(_Strict):
 
         spec = methods.get_spec(self.method.name)  # raises ValueError listing the names
         spec.validate_params(self.method.params)
+        if spec.live_teacher and self.teacher is not None and self.teacher.cache is not None:
+            raise ValueError(f"method '{self.method.name}' runs the teacher on inputs it makes during training "
+                             "(mixed, augmented or masked), which no cache holds: remove teacher.cache")
         if spec.needs_teacher and self.teacher is None:
             raise ValueError(f"method '{self.method.name}' needs a teacher: add a `teacher:` section")
         return self

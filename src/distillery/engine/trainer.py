@@ -379,6 +379,8 @@ def fit(
     image_data = data.kind == "image"
     source = (CachedTeacher(store, cfg.data.augment, tc.seed, image_data) if store is not None
               else OnlineTeacher(teacher, method.teacher_taps, cfg.data.augment, tc.seed, image_data))
+    if spec.live_teacher and store is None and teacher is not None:
+        object.__setattr__(method, "_teacher_fn", source.outputs)  # a plain reference: not a submodule
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.data.batch_size

@@ -277,9 +277,12 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
     if cfg.hidden is not None:
         from distillery.lm.hidden import LayerMap
 
-        layer_map = LayerMap(teacher.config.num_hidden_layers, student.config.num_hidden_layers,
-                             teacher.config.hidden_size, student.config.hidden_size,
-                             mapping=cfg.hidden.mapping, loss=cfg.hidden.loss)
+        try:
+            layer_map = LayerMap(teacher.config.num_hidden_layers, student.config.num_hidden_layers,
+                                 teacher.config.hidden_size, student.config.hidden_size,
+                                 mapping=cfg.hidden.mapping, loss=cfg.hidden.loss)
+        except ValueError as err:
+            raise ConfigError(f"hidden.mapping: {err}") from None
     objective = _Objective(student, cfg, vocab, layer_map)
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=tc.lr,
                                   weight_decay=tc.weight_decay)

@@ -23,6 +23,7 @@ class MethodSpec:
     paper: str
     teacher_same_classes: bool = True
     multilabel: bool = False
+    live_teacher: bool = False
 
     def validate_params(self, raw: dict[str, Any] | Params) -> Params:
         if isinstance(raw, Params):
@@ -45,17 +46,19 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(name: str, *, params: type[Params], needs_teacher: bool = True, paper: str = "",
-             teacher_same_classes: bool = True, multilabel: bool = False) -> Callable:
+             teacher_same_classes: bool = True, multilabel: bool = False, live_teacher: bool = False) -> Callable:
     """``teacher_same_classes=False`` lets the teacher predict a different label set than the
     student (cross-task and novel-class methods); the engine then skips that check.
-    ``multilabel=True``: the method also handles multi-label data (float multi-hot targets)."""
+    ``multilabel=True``: the method also handles multi-label data (float multi-hot targets).
+    ``live_teacher=True``: the method calls ``Method.teacher_forward`` on inputs it makes (mixup,
+    learned augmentation, masking), so a teacher cache is refused for it."""
 
     def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY:
             raise RuntimeError(f"method '{name}' registered twice")
         doc = (cls.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = MethodSpec(name, cls, params, needs_teacher, doc[0] if doc else "", paper,
-                                     teacher_same_classes, multilabel)
+                                     teacher_same_classes, multilabel, live_teacher)
         return cls
 
     return deco

@@ -75,6 +75,16 @@ class Method(nn.Module):
 
         return forward_logits(self._student, inputs)
 
+    def teacher_forward(self, inputs) -> ModelOutput:
+        """Run the (frozen) teacher on other inputs -- a mixed, augmented or masked batch the
+        method made -- and return its logits and the features at ``teacher_taps``; no gradient.
+        Only for methods registered with ``live_teacher=True`` (no cache can hold such inputs)."""
+        fn = getattr(self, "_teacher_fn", None)
+        if fn is None:
+            raise RuntimeError(f"{type(self).__name__} called teacher_forward but no live teacher is attached: "
+                               "register the method with live_teacher=True and give the run a teacher")
+        return fn(inputs)
+
     def log_values(self) -> dict[str, float]:
         """State worth watching that is not a loss term (e.g. TAID's t): the engine writes it into
         each epoch's metrics row as ``method_<name>``, without adding it to the loss."""
