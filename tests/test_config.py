@@ -73,6 +73,11 @@ def test_shipped_configs_validate(path):
 
         load_search_config(path)
         return
+    if path.parent.name == "lm" and "stages" in yaml.safe_load(path.read_text()):  # `distillery lm recipe`
+        from distillery.lm.recipe import load_recipe, stage_configs
+
+        assert len(stage_configs(*load_recipe(path))) >= 2
+        return
     if path.parent.name == "lm":  # a `distillery lm distill` config
         from distillery.lm.config import load_lm_config
 

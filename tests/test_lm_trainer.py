@@ -230,3 +230,29 @@ def test_hidden_state_distillation_trains_the_projection(lm_dirs, tmp_path):
 
     with pytest.raises(ConfigError, match="hidden.mapping"):
         distill_lm(cfg_of(lm_dirs, tmp_path, name="badmap", hidden={"mapping": [[5, 1]]}))
+
+
+def test_recipe_chains_stages_and_resumes_at_the_unfinished_one(lm_dirs, tmp_path):
+    import yaml
+
+    from distillery.errors import ConfigError
+    from distillery.lm.recipe import load_recipe, run_recipe, stage_configs
+
+    base = raw_cfg(lm_dirs, tmp_path)
+    base["train"]["max_steps"] = 2
+    recipe = {"base": base, "stages": [
+        {"name": "latent", "loss": {"weight": 0.0}, "hidden": {"weight": 1.0}},
+        {"name": "soft", "student": {"path": "{stage:latent}"}, "loss": {"name": "forward_kl", "ce_weight": 1.0}},
+    ]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cfgs = stage_configs(*load_recipe(path))
+    assert cfgs[1].student.path == str(tmp_path / "runs" / "latent" / "student")
+    out = run_recipe(path)
+    assert list(out) == ["latent", "soft"] and all(s["steps"] == 2 for s in out.values())
+    again = run_recipe(path)  # finished stages are reused, not retrained
+    assert again["soft"]["wall_seconds"] == out["soft"]["wall_seconds"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": base, "stages": [{"name": "a", "student": {"path": "{stage:b}"}}]}))
+    with pytest.raises(ConfigError, match="not an earlier stage"):
+        stage_configs(*load_recipe(bad))

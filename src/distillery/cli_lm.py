@@ -4,6 +4,7 @@
     distillery lm prepare                only the demo's tokenizer, teacher and student initialisation
     distillery lm distill CONFIG         distil (or train with loss: ce) from a config such as configs/lm/fkl.yaml
     distillery lm cache build CONFIG     run the teacher once; store top-k / sampled log-probs
+    distillery lm recipe CONFIG          stages, each starting from the last (ERNIE-Tiny's progressive schedule)
 """
 from __future__ import annotations
 
@@ -60,6 +61,18 @@ def distill(config: Path, set: Optional[List[str]] = SetOpt,
     result = distill_lm(cfg, resume=resume, overwrite=overwrite, rebuild_cache=rebuild_cache)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: print once
         console.print(_table(f"{cfg.name} ({cfg.loss.name}) -> {result.run_dir}", {cfg.name: result.summary}))
+
+
+@lm_app.command("recipe")
+@_friendly
+def recipe(config: Path, set: Optional[List[str]] = SetOpt,
+           overwrite: bool = typer.Option(False, help="Redo every stage, replacing their run directories.")):
+    """Run a multi-stage recipe (e.g. configs/lm/ernie_tiny.yaml); finished stages are reused."""
+    from distillery.lm.recipe import run_recipe
+
+    summaries = run_recipe(config, set, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(_table(f"recipe {config}", summaries))
 
 
 @lm_app.command("prepare")

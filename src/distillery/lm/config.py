@@ -81,6 +81,7 @@ class LMData(_Strict):
 class LMLoss(_Strict):
     name: Literal[LOSS_NAMES] = "forward_kl"  # type: ignore[valid-type]
     params: dict[str, Any] = Field(default_factory=dict, description="e.g. {beta: 0.5} for jsd, {alpha: 0.1} for skew_kl.")
+    weight: float = Field(1.0, ge=0, description="Weight of the token loss; 0 with `hidden:` = latent distillation only.")
     temperature: float = Field(1.0, gt=0)
     ce_weight: float = Field(0.0, ge=0, description="Adds ce_weight x the student's LM cross-entropy.")
     chunk_size: int | None = Field(None, gt=0, description="Tokens per loss chunk; None: about 64 MiB of float32 logits.")
@@ -176,6 +177,8 @@ class LMRunConfig(_Strict):
                 raise ValueError("the cache stores logits only: hidden-state distillation needs the live teacher")
         if self.loss.name == "uld" and (self.cache or self.hidden):
             raise ValueError("uld (different tokenizers) runs with the live teacher only, without cache or hidden")
+        if self.loss.weight == 0 and self.hidden is None and not self.loss.ce_weight:
+            raise ValueError("loss.weight: 0 leaves nothing to learn: add a `hidden:` section or loss.ce_weight")
         if self.student.lora is not None and self.student.init == "random":
             raise ValueError("student.lora adapts pretrained weights: use init: pretrained with lora")
         return self

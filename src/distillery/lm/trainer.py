@@ -96,7 +96,11 @@ class _Objective(nn.Module):
         out = self._student(batch, hidden=self.layer_map is not None)
         terms: dict[str, torch.Tensor] = {}
         params = {**self.params_, **extra}
-        if cfg.loss.name == "ce":
+        if cfg.loss.weight == 0:  # latent-only stage (hidden states), optionally with the LM loss
+            if cfg.loss.ce_weight:
+                terms["ce"] = cfg.loss.ce_weight * F.cross_entropy(out.logits[..., :V].flatten(0, -2).float(),
+                                                                   targets.flatten(), ignore_index=lmdata.IGNORE)
+        elif cfg.loss.name == "ce":
             logits = out.logits[..., :V]
             terms["ce"] = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=lmdata.IGNORE)
         elif "sparse" in teacher:
@@ -106,21 +110,23 @@ class _Objective(nn.Module):
             logits = out.logits[..., :V]
             valid = targets.masked_fill(~s["present"], lmdata.IGNORE)
             if cfg.cache.scheme == "sample":
-                terms["kd"] = sampled_kl(logits, s["ids"], s["values"], valid, temperature=cfg.loss.temperature)
+                terms["kd"] = cfg.loss.weight * sampled_kl(logits, s["ids"], s["values"], valid,
+                                                           temperature=cfg.loss.temperature)
             elif not cfg.cache.tail:
-                terms["kd"] = topk_kl(logits, s["ids"], s["values"], valid, tail=False, temperature=cfg.loss.temperature)
+                terms["kd"] = cfg.loss.weight * topk_kl(logits, s["ids"], s["values"], valid, tail=False,
+                                                        temperature=cfg.loss.temperature)
             else:
                 # any token loss between the (k+1)-bucket coarsenings of student and teacher
                 T = cfg.loss.temperature
                 student_b, teacher_b = topk_buckets(logits, s["ids"], s["values"], temperature=T)
                 p = {k: v for k, v in params.items() if k != "temperature"}
                 scale = T * T if "temperature" in params else 1.0  # the dense losses' T^2
-                terms[cfg.loss.name] = scale * TOKEN_LOSSES[cfg.loss.name](student_b, teacher_b, valid, **p)
+                terms[cfg.loss.name] = cfg.loss.weight * scale * TOKEN_LOSSES[cfg.loss.name](student_b, teacher_b, valid, **p)
             if cfg.loss.ce_weight:
                 terms["ce"] = cfg.loss.ce_weight * F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
                                                                    ignore_index=lmdata.IGNORE)
         elif cfg.loss.name == "uld":
-            terms["uld"] = uld(out.logits, teacher["logits"], targets, teacher["targets"], **params)
+            terms["uld"] = cfg.loss.weight * uld(out.logits, teacher["logits"], targets, teacher["targets"], **params)
             if cfg.loss.ce_weight:
                 terms["ce"] = cfg.loss.ce_weight * F.cross_entropy(
                     out.logits.flatten(0, -2).float(), targets.flatten(), ignore_index=lmdata.IGNORE)
@@ -133,9 +139,10 @@ class _Objective(nn.Module):
             else:
                 student_in, kw = out.logits[..., :V], {}
             # ce_weight rides in the same chunked pass (no full logits exist to compute it apart)
-            terms[cfg.loss.name] = chunked_token_loss(cfg.loss.name, student_in, t_logits, targets,
-                                                      chunk_size=cfg.loss.chunk_size, ce_weight=cfg.loss.ce_weight,
-                                                      **kw, **params)
+            w = cfg.loss.weight  # w * (loss + ce_weight / w * ce) = w * loss + ce_weight * ce
+            terms[cfg.loss.name] = w * chunked_token_loss(cfg.loss.name, student_in, t_logits, targets,
+                                                          chunk_size=cfg.loss.chunk_size,
+                                                          ce_weight=cfg.loss.ce_weight / w, **kw, **params)
         if self.layer_map is not None:
             mask = batch["attention_mask"]
             terms["hidden"] = cfg.hidden.weight * self.layer_map(out.hidden_states, teacher["hidden_states"], mask)
