@@ -90,3 +90,22 @@ class Taps:
             raise ModelError(f"taps {missing} were not reached by the forward pass (is the module used in forward()?)")
         out, self.features = self.features, {}
         return out
+
+
+class Rewrite:
+    """While open, ``fn(output)`` replaces the output of ``model.<path>`` (a method that perturbs
+    an intermediate layer, e.g. KD^3's MixDistribution); the hook is removed on exit."""
+
+    def __init__(self, model: nn.Module, path: str, fn):
+        self.module, _ = resolve(model, path)
+        self.fn = fn
+        self._handle = None
+
+    def __enter__(self) -> "Rewrite":
+        self._handle = self.module.register_forward_hook(lambda _m, _a, out: self.fn(out))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

@@ -45,9 +45,12 @@ class OnlineTeacher:
         if self._taps:
             self._taps.__exit__(*exc)
 
-    def outputs(self, x) -> ModelOutput | None:
+    def outputs(self, x, grad: bool = False) -> ModelOutput | None:
         if self.model is None:
             return None
+        if grad:  # the weights have requires_grad=False: only x receives gradients
+            logits = forward_logits(self.model, x)
+            return ModelOutput(logits, self._taps.collect() if self._taps else {})
         with torch.inference_mode():
             logits = forward_logits(self.model, x)
             feats = self._taps.collect() if self._taps else {}

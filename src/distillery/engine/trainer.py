@@ -505,6 +505,8 @@ def fit(
     accelerator.wait_for_everyone()
     if tc.track:
         accelerator.end_training()
+    if main:
+        raw.method.on_train_end(run_dir)
     student = raw.student
     test = evaluate(student, data.test, device, cfg.data.eval_batch_size)
     extra = {f"test_accuracy_{name}": evaluate(model, data.test, device, cfg.data.eval_batch_size)["accuracy"]

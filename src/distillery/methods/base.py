@@ -75,20 +75,26 @@ class Method(nn.Module):
 
         return forward_logits(self._student, inputs)
 
-    def teacher_forward(self, inputs) -> ModelOutput:
+    def teacher_forward(self, inputs, *, grad: bool = False) -> ModelOutput:
         """Run the (frozen) teacher on other inputs -- a mixed, augmented or masked batch the
-        method made -- and return its logits and the features at ``teacher_taps``; no gradient.
+        method made -- and return its logits and the features at ``teacher_taps``; no gradient,
+        unless ``grad=True``: then gradients flow back into ``inputs`` (the teacher's weights stay
+        frozen), for methods that optimise inputs against the teacher (HARD's augmentor).
         Only for methods registered with ``live_teacher=True`` (no cache can hold such inputs)."""
         fn = getattr(self, "_teacher_fn", None)
         if fn is None:
             raise RuntimeError(f"{type(self).__name__} called teacher_forward but no live teacher is attached: "
                                "register the method with live_teacher=True and give the run a teacher")
-        return fn(inputs)
+        return fn(inputs, grad=grad)
 
     def log_values(self) -> dict[str, float]:
         """State worth watching that is not a loss term (e.g. TAID's t): the engine writes it into
         each epoch's metrics row as ``method_<name>``, without adding it to the loss."""
         return {}
+
+    def on_train_end(self, run_dir) -> None:
+        """Called once, on the main process, after the last step: write artefacts (e.g. a PNG of
+        what the method learned) into ``run_dir``."""
 
     def eval_models(self) -> dict[str, nn.Module]:
         """Extra trainable models the method owns (e.g. the peer in mutual learning): the engine
