@@ -262,14 +262,17 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
+    """One line per problem, with the field's dotted path (and, for an unknown key, the keys
+    allowed there, looked up from ``root``, the config class; default ``RunConfig``)."""
+    root = root or RunConfig
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-            parent = _model_at(RunConfig, e["loc"][:-1])
+            parent = _model_at(root, e["loc"][:-1])
             if parent is not None:
                 msg += f"; allowed keys here: {', '.join(sorted(parent.model_fields))}"
         elif e["type"] == "literal_error":
@@ -298,21 +301,28 @@ def config_from_dict(raw: dict, source: str = "") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply ``--set`` overrides, validate.  Errors name the field."""
+def read_yaml(path: str | Path, overrides: list[str] | None = None,
+              hint: str = "ready-made configs live in configs/, e.g. configs/kd.yaml") -> dict:
+    """A config file's mapping with ``--set`` overrides applied; a clear message for a missing
+    file, broken YAML or a top level that is not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (ready-made configs live in configs/, e.g. configs/kd.yaml)")
+        raise ConfigError(f"config file not found: {path} ({hint})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level of a config must be a mapping of sections")
-    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+    return apply_overrides(raw, overrides)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate.  Errors name the field."""
+    return config_from_dict(read_yaml(path, overrides), source=str(path))
 
 
 def dump_config(cfg: RunConfig) -> str:

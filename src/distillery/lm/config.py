@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distillery.config import apply_overrides
+from distillery.config import format_validation_error, read_yaml
 from distillery.errors import ConfigError
 
 #: Token losses the trainer knows: every name of ``distillery.losses.lm.TOKEN_LOSSES`` plus ULD
@@ -184,35 +184,16 @@ class LMRunConfig(_Strict):
         return self
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid LM config {source}:"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        if e["type"] == "literal_error":
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
-
-
 def lm_config_from_dict(raw: dict, source: str = "") -> LMRunConfig:
     try:
         return LMRunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, LMRunConfig)) from None
 
 
 def load_lm_config(path: str | Path, overrides: list[str] | None = None) -> LMRunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (ready-made LM configs live in configs/lm/)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level of a config must be a mapping of sections")
-    return lm_config_from_dict(apply_overrides(raw, overrides), source=str(path))
+    raw = read_yaml(path, overrides, hint="ready-made LM configs live in configs/lm/")
+    return lm_config_from_dict(raw, source=str(path))
 
 
 def dump_lm_config(cfg: LMRunConfig) -> str:

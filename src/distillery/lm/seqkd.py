@@ -13,7 +13,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 
 from distillery.engine.progress import ProgressBar
 from distillery.errors import DataError

@@ -11,7 +11,7 @@ from pydantic import Field
 from distillery.losses import logits as L
 from distillery.losses import multilabel as ML
 from distillery.methods import register
-from distillery.methods.base import Method, ModelOutput, Params, Progress
+from distillery.methods.base import Method, Params, Progress
 
 
 class CEParams(Params):

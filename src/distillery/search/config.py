@@ -25,10 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distillery.config import ModelSpec, RunConfig, apply_overrides, config_from_dict
+from distillery.config import ModelSpec, RunConfig, apply_overrides, config_from_dict, format_validation_error, read_yaml
 from distillery.errors import ConfigError
 
 
@@ -168,37 +167,18 @@ class SearchConfig(_Strict):
         return Path(run.output_dir) / run.name
 
 
-def _format(err: ValidationError, source: str) -> str:
-    lines = [f"invalid search config {source}:"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
-
-
 def search_config_from_dict(raw: dict, source: str = "") -> SearchConfig:
     try:
         return SearchConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, SearchConfig)) from None
 
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
     """Read a search YAML (``run:`` + ``search:``), apply ``--set`` overrides (``search.cycles=10``,
     ``run.data.train_subset=500``), validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search config not found: {path} (a ready-made one: configs/search_fmnist.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict) or "search" not in raw or "run" not in raw:
+    raw = read_yaml(path, hint="a ready-made one: configs/search_fmnist.yaml")
+    if "search" not in raw or "run" not in raw:
         raise ConfigError(f"{path}: a search config has two sections, `run:` (a run config without its student) "
                           "and `search:` (space, constraints, proxy, ...); see configs/search_fmnist.yaml")
     return search_config_from_dict(apply_overrides(raw, overrides), source=str(path))
