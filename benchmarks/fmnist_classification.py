@@ -44,6 +44,7 @@ PARAMS = {
 ELSEWHERE = {
     "mlkd": "multi-label only: benchmarks/results/fmnist_multilabel.md",
     "crkd": "novel-class discovery (teacher on known classes): benchmarks/results/ncd_crkd.md",
+    "kd3": "distils from an unlabelled, distribution-shifted web pool: benchmarks/results/kd3_web.md",
 }
 
 
