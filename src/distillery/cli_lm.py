@@ -4,6 +4,7 @@
     distillery lm prepare                only the demo's tokenizer, teacher and student initialisation
     distillery lm distill CONFIG         distil (or train with loss: ce) from a config such as configs/lm/fkl.yaml
     distillery lm cache build CONFIG     run the teacher once; store top-k / sampled log-probs
+    distillery lm encoder CONFIG         distil a sentence encoder (configs/encoder/minilm_3layer.yaml)
     distillery lm recipe CONFIG          stages, each starting from the last (ERNIE-Tiny's progressive schedule)
 """
 from __future__ import annotations
@@ -73,6 +74,16 @@ def recipe(config: Path, set: Optional[List[str]] = SetOpt,
     summaries = run_recipe(config, set, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(_table(f"recipe {config}", summaries))
+
+
+@lm_app.command("encoder")
+@_friendly
+def encoder(config: Path, set: Optional[List[str]] = SetOpt):
+    """Distil a sentence encoder (e.g. all-MiniLM-L6-v2 -> 3 blocks): MiniLMv2 relations, hidden states, cosine."""
+    from distillery.lm.encoder import distill_encoder, load_encoder_config
+
+    metrics = distill_encoder(load_encoder_config(config, set))
+    console.print_json(json.dumps(metrics, default=str))
 
 
 @lm_app.command("prepare")
