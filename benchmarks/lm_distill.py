@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="Top-k of the cached rows.")
     ap.add_argument("--quick", action="store_true", help="1 seed, 5 steps (a smoke test of the script).")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "lm_distill.md")
+    ap.add_argument("--note", default="", help="A line added to the header (e.g. how the runs shared the machine).")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.seeds = 5, [0]
@@ -113,6 +114,8 @@ def main() -> None:
     t_start = time.time()
     for label, loss, params, extra in ROWS:
         modes = ["dense"] if loss == "ce" or "onpolicy" in extra else ["dense", "cached"]
+        if loss == "forward_kl":
+            modes.append("sampled")  # Random Sampling KD: unbiased, forward KL only
         for mode in modes:
             for seed in args.seeds:
                 name = f"{loss}{'-gkd' if 'onpolicy' in extra else ''}-{mode}-s{seed}"
@@ -120,6 +123,9 @@ def main() -> None:
                             "train": {"seed": seed, "batch_size": args.batch_size, "progress": False,
                                       "checkpoint_every": 100},
                             **extra}
+                if mode == "sampled":
+                    sections["cache"] = {"scheme": "sample", "k": args.k,
+                                         "dir": str(args.root / f"bench-cache-sample{args.k}")}
                 if mode == "cached":
                     sections["cache"] = {"scheme": "topk", "k": args.k, "tail": True,
                                          "dir": str(args.root / f"bench-cache-topk{args.k}")}  # shared by --quick and full
@@ -151,11 +157,14 @@ def main() -> None:
         f"- budget per student: {args.steps} steps × {args.batch_size} sequences × 128 tokens = {tokens:,} tokens "
         f"(AdamW, lr 1e-3, cosine, 20 warm-up steps); seeds {args.seeds}; evaluation on "
         f"{any_run['eval_tokens']:,} held-out tokens (whole modules never seen in training)",
-        f"- cached rows: top-{args.k} log-probs + tail mass per token"
+        f"- `cached` rows: top-{args.k} log-probs + tail mass per token"
         + (f", {cached['bytes_per_token']:.1f} bytes/token on disk" if cached else "")
-        + "; the loss is taken between the (k+1)-bucket coarsenings of student and teacher",
+        + "; the loss is taken between the (k+1)-bucket coarsenings of student and teacher. `sampled` row: "
+        f"{args.k} tokens drawn per position from the teacher, unique ids with importance weights (Random "
+        "Sampling KD, an unbiased estimate of forward KL), same bytes per token",
         f"- total wall time {(time.time() - t_start) / 60:.1f} min (runs reused from an earlier identical config "
         "count as 0)",
+        *([f"- note: {args.note}"] if args.note else []),
         "",
         "| objective | teacher logits | held-out perplexity ↓ | next-token agreement with teacher ↑ | KL(teacher‖student) ↓ | s / run |",
         "|---|---|---|---|---|---|",
