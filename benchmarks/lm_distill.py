@@ -189,15 +189,18 @@ def _plot(results, path: Path, teacher_ppl: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = list(dict.fromkeys(label for label, _ in results))
+    colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    markers = {"dense": "o", "cached": "x", "sampled": "^"}
     for (label, mode), runs in results.items():
         x = [100 * r["agreement"] for r in runs if r.get("agreement") is not None]
         y = [r["eval_ppl"] for r in runs if r.get("agreement") is not None]
-        ax.scatter(x, y, marker="o" if mode == "dense" else "x", label=f"{label} ({mode})")
+        ax.scatter(x, y, marker=markers.get(mode, "s"), color=colours[label], label=f"{label} ({mode})")
     ax.axhline(teacher_ppl, color="k", linestyle=":", label="teacher perplexity")
     ax.set(xlabel="next-token agreement with the teacher (%)", ylabel="held-out perplexity",
            title="students after the same budget (each point a seed)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
