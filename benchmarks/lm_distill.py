@@ -10,7 +10,7 @@ x block tokens) and is evaluated on held-out standard-library modules: perplexit
 agreement with the teacher (argmax equal), KL(teacher || student).  Cached rows read the
 teacher's top-k log-probabilities + tail mass from one store built once
 (``distillery.lm.cache``); the loss is then taken between the (k+1)-bucket coarsenings
-(``distillery.losses.lm.topk_buckets``).  GKD generates text with the live student, so it has no
+(``distillery.losses.lm_sparse.topk_buckets``).  GKD generates text with the live student, so it has no
 cached row.  Writes benchmarks/results/lm_distill.md and lm_distill.png.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
+import shlex
 import statistics
 import sys
 import time
@@ -39,15 +39,9 @@ ROWS = [  # (label, loss, params, extra sections)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()} · {cpu} · {torch.get_num_threads()} torch threads · torch {torch.__version__}"
+    from distillery.report.metrics import machine_description
+
+    return f"{machine_description()}; torch {torch.__version__}"
 
 
 def run_one(raw: dict, root: Path) -> dict:
@@ -149,7 +143,7 @@ def main() -> None:
     lines = [
         "# Causal-LM distillation on Python standard-library text",
         "",
-        f"- command: `python benchmarks/lm_distill.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- command: `python benchmarks/lm_distill.py {shlex.join(sys.argv[1:])}`".rstrip(),
         f"- date: {dt.datetime.now().isoformat(timespec='seconds')}; machine: {machine()}",
         f"- teacher: demo GPT-2, {next(s['teacher_params'] for r in results.values() for s in r if s.get('teacher_params')):,} "
         f"parameters, held-out perplexity **{teacher_ppl:.2f}**; student: GPT-2 2×96, {any_run['student_params']:,} "

@@ -33,7 +33,8 @@ from distillery.lm import data as lmdata
 from distillery.lm import models as lmmodels
 from distillery.lm.config import LMRunConfig, dump_lm_config
 from distillery.lm.generate import generate_batch, prompts_of
-from distillery.losses.lm import TOKEN_LOSSES, chunked_token_loss, topk_buckets, uld
+from distillery.losses.lm import TOKEN_LOSSES, chunked_token_loss, uld
+from distillery.losses.lm_sparse import sampled_kl, topk_buckets, topk_kl
 
 
 @dataclass
@@ -104,7 +105,6 @@ class _Objective(nn.Module):
             logits = out.logits[..., :V]
             terms["ce"] = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=lmdata.IGNORE)
         elif "sparse" in teacher:
-            from distillery.losses.lm_sparse import sampled_kl, topk_kl
 
             s = teacher["sparse"]
             logits = out.logits[..., :V]

@@ -43,7 +43,7 @@ from distillery.losses.logits import (
 )
 from distillery.losses.taid import taid_loss
 
-__all__ = ["TOKEN_LOSSES", "chunked_token_loss", "skew_kl", "skew_reverse_kl", "topk_buckets", "uld"]
+__all__ = ["TOKEN_LOSSES", "chunked_token_loss", "skew_kl", "skew_reverse_kl", "uld"]
 
 
 # --------------------------------------------------------------------------- skew KL (DistiLLM)
@@ -238,48 +238,6 @@ def uld(
     per_sequence = per_sequence.index_add(0, seq_of_row, per_position) / counts.clamp(min=1)
     has_any = counts > 0
     return per_sequence.sum() / has_any.sum().clamp(min=1)
-
-
-# --------------------------------------------------------------------------- sparse teacher targets
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012)."""
-    x = x.clamp(max=-1e-12)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def topk_buckets(
-    student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, *, temperature: float = 1.0,
-    min_tail: float = 1e-8,
-) -> tuple[Tensor, Tensor]:
-    """Student and teacher as distributions over k + 1 buckets: the teacher's k stored tokens and
-    one "everything else" bucket, as (..., k + 1) log-probabilities (student, teacher).
-
-    A cache of the teacher's top-k log-probabilities (DistillKit's scheme) cannot give a full
-    distribution, but it gives this coarsening exactly; the student is coarsened the same way
-    (its probabilities of the k tokens, and the rest of its mass), so *any* divergence between
-    distributions -- KL either way, JSD, skew KL, TV, TAID -- can be taken between the two
-    (k+1)-bucket distributions. Forward KL over the buckets is the top-k + tail-mass loss; with
-    k = V the buckets are the vocabulary and every loss equals its dense value. The data
-    processing inequality makes each f-divergence over buckets <= its dense value.
-
-    The stored teacher log-probs were computed at the cache's temperature; ``temperature``
-    applies to the student and must match it. The teacher's tail mass is clamped to
-    ``min_tail`` (float16 storage can round the top-k mass to 1 or above).
-    """
-    _check_temperature(temperature)
-    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != student_logits.shape[:-1]:
-        raise ValueError(f"top-k ids {tuple(topk_ids.shape)} and log-probs {tuple(topk_logprobs.shape)} must be "
-                         f"(..., k) with the student's leading shape {tuple(student_logits.shape[:-1])}")
-    s_all = _log_probs(student_logits, temperature)
-    s_top = s_all.gather(-1, topk_ids.long())
-    s_tail = _log1mexp(torch.logsumexp(s_top, dim=-1, keepdim=True))
-    t_top = topk_logprobs.to(s_all.dtype)
-    t_tail = _log1mexp(torch.logsumexp(t_top, dim=-1, keepdim=True)).clamp(min=math.log(min_tail))
-    # renormalise the teacher after the clamp so that its buckets sum to one
-    teacher = torch.cat([t_top, t_tail], -1)
-    return torch.cat([s_top, s_tail], -1), teacher - torch.logsumexp(teacher, -1, keepdim=True)
 
 
 # --------------------------------------------------------------------------- chunked computation

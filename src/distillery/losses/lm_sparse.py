@@ -37,7 +37,7 @@ from distillery.losses.logits import (
     _upcast,
 )
 
-__all__ = ["sampled_kl", "sparsify_sample", "sparsify_topk", "topk_kl"]
+__all__ = ["sampled_kl", "sparsify_sample", "sparsify_topk", "topk_buckets", "topk_kl"]
 
 # exp() of anything below this underflows to exactly 0 in float16/32/64. Clamping stored
 # log-probabilities here turns a -inf (a teacher token that had logit -inf, or fp16 overflow)
@@ -273,3 +273,40 @@ def sampled_kl(
     if teacher_logprobs is not None:
         per_position = per_position + (weights * teacher_logprobs.to(log_q.dtype).clamp(min=_LOG_ZERO)).sum(dim=-1)
     return _mean_over_positions(per_position * temperature**2, labels)
+
+
+# --------------------------------------------------------------------------- any loss from top-k
+
+
+def topk_buckets(
+    student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, *, temperature: float = 1.0,
+    min_tail: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher as distributions over k + 1 buckets: the teacher's k stored tokens and
+    one "everything else" bucket, as (..., k + 1) log-probabilities (student, teacher).
+
+    A cache of the teacher's top-k log-probabilities (DistillKit's scheme) cannot give a full
+    distribution, but it gives this coarsening exactly; the student is coarsened the same way
+    (its probabilities of the k tokens, and the rest of its mass), so *any* divergence between
+    distributions -- KL either way, JSD, skew KL, TV, TAID -- can be taken between the two
+    (k+1)-bucket distributions. Forward KL over the buckets is the top-k + tail-mass loss; with
+    k = V the buckets are the vocabulary and every loss equals its dense value. The data
+    processing inequality makes each f-divergence over buckets <= its dense value.
+
+    The stored teacher log-probs were computed at the cache's temperature; ``temperature``
+    applies to the student and must match it. The teacher's tail mass is clamped to
+    ``min_tail`` (float16 storage can round the top-k mass to 1 or above).
+    """
+    _check_temperature(temperature)
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"top-k ids {tuple(topk_ids.shape)} and log-probs {tuple(topk_logprobs.shape)} must be "
+                         f"(..., k) with the student's leading shape {tuple(student_logits.shape[:-1])}")
+    s_all = _student_log_probs(student_logits, temperature)
+    s_top = s_all.gather(-1, topk_ids.long())
+    # clamp below 0: a head mass that rounds to 1 would give log(0)
+    s_tail = _log1mexp(torch.logsumexp(s_top, dim=-1, keepdim=True).clamp(max=-1e-12))
+    t_top = topk_logprobs.to(s_all.dtype)
+    t_tail = _log1mexp(torch.logsumexp(t_top, dim=-1, keepdim=True).clamp(max=-1e-12)).clamp(min=math.log(min_tail))
+    # renormalise the teacher after the clamp so that its buckets sum to one
+    teacher = torch.cat([t_top, t_tail], -1)
+    return torch.cat([s_top, s_tail], -1), teacher - torch.logsumexp(teacher, -1, keepdim=True)
