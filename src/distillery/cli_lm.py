@@ -53,15 +53,45 @@ def _friendly(fn):
 def distill(config: Path, set: Optional[List[str]] = SetOpt,
             resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
             overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
-            rebuild_cache: bool = typer.Option(False, help="Rebuild the teacher cache even if one exists.")):
+            rebuild_cache: bool = typer.Option(False, help="Rebuild the teacher cache even if one exists."),
+            monitor_oracle: Optional[str] = typer.Option(
+                None, help="Teacher hacking: also measure KL(oracle || student) against this oracle LM (path/Hub id).")):
     """Distil a causal LM from a config (loss: ce trains without a teacher)."""
     from distillery.lm.config import load_lm_config
     from distillery.lm.trainer import distill_lm
 
-    cfg = load_lm_config(config, set)
+    cfg = load_lm_config(config, list(set or []) + ([f"monitor.oracle={monitor_oracle}"] if monitor_oracle else []))
     result = distill_lm(cfg, resume=resume, overwrite=overwrite, rebuild_cache=rebuild_cache)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: print once
         console.print(_table(f"{cfg.name} ({cfg.loss.name}) -> {result.run_dir}", {cfg.name: result.summary}))
+        oracle = result.summary.get("oracle")
+        if oracle:
+            verdict = ("[red]teacher hacking[/red]: the student moved away from the oracle while approaching the teacher"
+                       if oracle["teacher_hacking"] else "no teacher hacking detected")
+            console.print(f"oracle KL: min {oracle['oracle_kl_min']:.4f} (step {oracle['oracle_kl_min_step']}), "
+                          f"final {oracle['oracle_kl_final']:.4f}; teacher KL final {oracle['teacher_kl_final']:.4f}; "
+                          f"KL(oracle || teacher) {oracle['oracle_teacher_kl']:.4f} -- {verdict}")
+
+
+@lm_app.command("serve")
+@_friendly
+def serve(model: str, port: int = typer.Option(8000, min=0, max=65535),
+          host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
+          name: str = typer.Option("teacher", help="The model name clients send."),
+          trust_remote_code: bool = typer.Option(False, help="Run model code shipped with the checkpoint.")):
+    """Serve a local causal LM as an OpenAI-compatible /v1/completions endpoint (a teacher for black-box generation)."""
+    from distillery.lm.serve import make_server
+    from distillery.lm.textgen import GeneratorSpec, HFGenerator
+
+    generator = HFGenerator.from_spec(GeneratorSpec(path=model, trust_remote_code=trust_remote_code))
+    server = make_server(generator, model_name=name, host=host, port=port)
+    console.print(f"serving {model} as {name!r} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @lm_app.command("recipe")

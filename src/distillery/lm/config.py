@@ -126,6 +126,15 @@ class Hidden(_Strict):
     mapping: Literal["uniform"] | list[tuple[int, int]] = "uniform"
 
 
+class Monitor(_Strict):
+    """Teacher hacking (Tiapkin et al., 2025): measure the student against an *oracle* -- the
+    model the teacher itself imitates -- as well as against the teacher, on held-out data."""
+
+    oracle: str = Field(description="Path or Hub id of the oracle causal LM (same vocabulary as the student).")
+    every: int = Field(10, gt=0, description="Measure every N steps (and at the end).")
+    max_batches: int = Field(8, gt=0, description="Held-out batches per measurement.")
+
+
 class LMTrain(_Strict):
     max_steps: int = Field(200, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -155,6 +164,7 @@ class LMRunConfig(_Strict):
     cache: LMCache | None = None
     hidden: Hidden | None = None
     train: LMTrain = LMTrain()
+    monitor: Monitor | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "LMRunConfig":
@@ -179,6 +189,8 @@ class LMRunConfig(_Strict):
             raise ValueError("uld (different tokenizers) runs with the live teacher only, without cache or hidden")
         if self.loss.weight == 0 and self.hidden is None and not self.loss.ce_weight:
             raise ValueError("loss.weight: 0 leaves nothing to learn: add a `hidden:` section or loss.ce_weight")
+        if self.monitor is not None and self.teacher is None:
+            raise ValueError("monitor.oracle compares the student with the oracle *and the teacher*: add a `teacher:`")
         if self.student.lora is not None and self.student.init == "random":
             raise ValueError("student.lora adapts pretrained weights: use init: pretrained with lora")
         return self

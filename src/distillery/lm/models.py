@@ -42,6 +42,17 @@ def load_tokenizer(spec: LMModel, pad_token: str | None = None):
     return tok
 
 
+def eos_token_of(spec: LMModel) -> str | None:
+    """The EOS token of a model's tokenizer (a pad token for generation-only use); None if unreadable."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.path, revision=spec.revision,
+                                             trust_remote_code=spec.trust_remote_code).eos_token
+    except (OSError, ValueError):
+        return None  # load_tokenizer reports the problem
+
+
 def load_model(spec: LMModel, role: str) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 

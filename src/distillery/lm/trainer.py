@@ -28,11 +28,13 @@ from torch import nn
 
 from distillery.engine.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from distillery.engine.progress import ProgressBar
-from distillery.errors import ConfigError, RunDirExistsError
+from distillery.errors import ConfigError, DataError, RunDirExistsError
 from distillery.lm import data as lmdata
 from distillery.lm import models as lmmodels
 from distillery.lm.config import LMRunConfig, dump_lm_config
 from distillery.lm.generate import generate_batch, prompts_of
+from distillery.lm.hooks import HookContext
+from distillery.lm.hooks import LMHook as LMHookBase
 from distillery.losses.lm import TOKEN_LOSSES, chunked_token_loss, uld
 from distillery.losses.lm_sparse import sampled_kl, topk_buckets, topk_kl
 
@@ -241,7 +243,10 @@ def _cache_for(cfg: LMRunConfig, teacher, teacher_tok, train, run_dir: Path, reb
 
 
 def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = False,
-               rebuild_cache: bool = False) -> LMResult:
+               rebuild_cache: bool = False, hooks: list | tuple = (), splits=None) -> LMResult:
+    """``hooks``: :class:`~distillery.lm.hooks.LMHook` objects (data mixture, monitors);
+    ``splits``: an ``LMSplits`` to train on instead of reading ``cfg.data`` (e.g. DDK's
+    per-domain corpus); ``cfg.data`` still names the tokenisation settings."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -271,7 +276,7 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                        cfg.seqkd.max_new_tokens if cfg.seqkd.enabled else 0)
     lmmodels.check_context({"student": student, **({"teacher": teacher} if teacher is not None else {})},
                            cfg.data.block_size, extra_tokens)
-    splits = lmdata.load_splits(cfg.data, student_tok)
+    splits = splits if splits is not None else lmdata.load_splits(cfg.data, student_tok)
     train = splits.train
     if cfg.seqkd.enabled:
         from distillery.lm.seqkd import teacher_corpus
@@ -311,6 +316,13 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
         scheduler.load_state_dict(state["scheduler"])
         if taid is not None:
             taid.load_state_dict(state["taid"])
+    hooks = list(hooks)
+    if cfg.monitor is not None:
+        from distillery.lm.oracle import OracleMonitor
+
+        hooks.append(OracleMonitor(cfg.monitor, cfg.data.pad_token))
+    for hook in hooks:
+        hook.load_state_dict(state.get("hooks", {}).get(hook.name, {}))
     objective, optimizer = accelerator.prepare(objective, optimizer)
     eval_loader = (torch.utils.data.DataLoader(splits.eval, batch_size=tc.batch_size,
                                                collate_fn=lambda rows: lmdata.collate(rows, pad))
@@ -319,25 +331,47 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
     history: list[dict] = [json.loads(line) for line in metrics_path.read_text().splitlines()] if resume and metrics_path.is_file() else []
     raw_student = lambda: accelerator.unwrap_model(objective).student  # noqa: E731
     t0, running = time.perf_counter(), []
+    ctx = HookContext(raw_student(), teacher, student_tok, train, eval_loader, vocab, device, run_dir, tc.max_steps)
+    for hook in hooks:
+        hook.setup(ctx)
+    sampler = next((h for h in hooks if type(h).batch_indices is not LMHookBase.batch_indices), None)
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
             save_checkpoint(run_dir, step, accelerator.unwrap_model(objective), optimizer,
                             {"step": step, "scheduler": scheduler.state_dict(),
-                             "taid": taid.state_dict() if taid is not None else None})
+                             "taid": taid.state_dict() if taid is not None else None,
+                             "hooks": {h.name: h.state_dict() for h in hooks}})
         accelerator.wait_for_everyone()
 
     objective.train()
     with ProgressBar(tc.max_steps, enabled=tc.progress and accelerator.is_main_process, initial=step,
                      title=cfg.name) as bar:
-        while step < tc.max_steps:
-            epoch, skip = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(indexed), generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch))
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(indexed, order.tolist()),
-                                                 batch_size=tc.batch_size, drop_last=True,
-                                                 collate_fn=lambda rows: lmdata.collate(rows, pad))
-            loader = accelerator.skip_first_batches(accelerator.prepare_data_loader(loader), skip * tc.grad_accum)
-            for micro, batch in enumerate(loader):
+        def micro_batches():
+            """(micro, batch) pairs: the hook's choice of rows, or shuffled epochs (resumable)."""
+            while True:
+                if sampler is not None:
+                    for micro in range(tc.grad_accum):
+                        rows = sampler.batch_indices(step, micro, tc.batch_size * world)[rank::world]
+                        yield micro, lmdata.collate([indexed[i] for i in rows], pad)
+                    continue
+                epoch, skip = divmod(step, steps_per_epoch)
+                order = torch.randperm(len(indexed), generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch))
+                loader = torch.utils.data.DataLoader(torch.utils.data.Subset(indexed, order.tolist()),
+                                                     batch_size=tc.batch_size, drop_last=True,
+                                                     collate_fn=lambda rows: lmdata.collate(rows, pad))
+                yielded = False
+                for pair in enumerate(accelerator.skip_first_batches(accelerator.prepare_data_loader(loader),
+                                                                     skip * tc.grad_accum)):
+                    yielded = True
+                    yield pair
+                if not yielded and skip == 0:
+                    raise DataError(f"{len(indexed)} training sequences do not fill one batch of "
+                                    f"{tc.batch_size * world}: lower train.batch_size or add data")
+
+        if step < tc.max_steps:
+            for micro, batch in micro_batches():
                 # Randomness (dropout, the GKD coin, sampling) is a function of (seed, step): a
                 # resumed run repeats exactly what the uninterrupted one would have done.
                 torch.manual_seed(tc.seed * 1_000_003 + step * 101 + micro % tc.grad_accum)
@@ -380,7 +414,9 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                     row["taid_t"] = taid.t
                 if tc.eval_every and step % tc.eval_every == 0 and eval_loader is not None and step < tc.max_steps:
                     row.update(evaluate_lm(raw_student(), eval_teacher, eval_loader, device, vocab))
-                if accelerator.is_main_process and (step % 10 == 0 or "eval_ppl" in row):
+                hooked = {k: v for h in hooks for k, v in h.after_step(step, ctx).items()}
+                row.update(hooked)
+                if accelerator.is_main_process and (step % 10 == 0 or "eval_ppl" in row or hooked):
                     history.append(row)
                     with metrics_path.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
@@ -399,7 +435,8 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                "cache": None if store is None else {"scheme": cfg.cache.scheme, "k": cfg.cache.k,
                                                     "bytes_per_token": store.bytes_per_token},
                "onpolicy_lambda": cfg.onpolicy.lmbda, "seqkd": cfg.seqkd.enabled,
-               "wall_seconds": time.perf_counter() - t0, **final}
+               "wall_seconds": time.perf_counter() - t0, **final,
+               **{h.name: h.summary() for h in hooks if h.summary()}}
     if accelerator.is_main_process:
         if final:
             history.append({"step": step, "loss": history[-1]["loss"] if history else float("nan"), **final})
