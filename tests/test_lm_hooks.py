@@ -111,3 +111,25 @@ def test_given_splits_replace_the_config_data(lm_tiny, tmp_path):
     cfg.name = "too-few"
     with pytest.raises(DataError, match="do not fill one batch"):
         distill_lm(cfg, splits=lmdata.LMSplits(splits.train.select(range(3)), splits.eval, 1))
+
+
+def test_cli_monitor_oracle_reports_the_hacking_verdict(lm_tiny, tmp_path):
+    """With the teacher itself as the oracle, golden and proxy metrics coincide and the
+    teacher is at distance 0 from the oracle."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+    from test_lm_trainer import raw_cfg
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw_cfg(lm_tiny, tmp_path, train={"max_steps": 4})))
+    res = CliRunner().invoke(app, ["lm", "distill", str(path), "--monitor-oracle", str(lm_tiny["teacher"]),
+                                   "--set", "monitor.every=2"])
+    assert res.exit_code == 0, res.output
+    assert "oracle KL: min" in res.output and "no teacher hacking detected" in res.output
+    summary = json.loads((tmp_path / "runs" / "run" / "summary.json").read_text())["oracle"]
+    assert summary["oracle_teacher_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["oracle_kl_final"] == pytest.approx(summary["teacher_kl_final"])
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "oracle_kl" in r] == [2, 4]
