@@ -121,6 +121,28 @@ def self_distill(config: Path, set: Optional[List[str]] = SetOpt,
     console.print(f"wrote {result.markdown} and {result.json}")
 
 
+@app.command("incremental")
+@friendly
+def incremental(config: Path, set: Optional[List[str]] = SetOpt,
+                tasks: int = typer.Option(5, "--tasks", min=2, help="Number of tasks; the classes are split evenly in order."),
+                strategy: str = typer.Option("wa", "--strategy", help="finetune | kd | wa (KD + weight aligning)."),
+                memory: int = typer.Option(20, "--memory", min=0, help="Exemplars kept per old class.")):
+    """Class-incremental learning: classes arrive in tasks; KD on old classes + weight aligning (Zhao et al. 2020)."""
+    from distillery.config import load_config
+    from distillery.recipes.class_incremental import run_incremental
+
+    result = run_incremental(load_config(config, set), tasks=tasks, strategy=strategy, memory_per_class=memory)
+    table = Table(title=f"class-incremental ({strategy})")
+    for col in ("task", "new classes", "seen", "accuracy (all seen)", "old classes", "gamma"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["task"]), ", ".join(r["classes"]), str(r["seen"]), f"{100 * r['test_accuracy']:.2f}%",
+                      "" if r["old_class_accuracy"] is None else f"{100 * r['old_class_accuracy']:.2f}%",
+                      "" if r["gamma"] is None else f"{r['gamma']:.3f}")
+    console.print(table)
+    console.print(f"average incremental accuracy {100 * result['average_incremental_accuracy']:.2f}%")
+
+
 @app.command("eval")
 @friendly
 def eval_(target: Path = typer.Argument(..., help="A run directory, or the config that produced one."),
