@@ -84,6 +84,21 @@ def test_shipped_configs_validate(path):
 
         assert len(stage_configs(*load_recipe(path))) >= 2
         return
+    if path.parent.name == "data" and path.parent.parent.name == "lm":  # `distillery lm <data method>`
+        import importlib
+
+        from distillery.cli_lm import DATA_METHODS
+
+        if "student" in yaml.safe_load(path.read_text()) and "data" in yaml.safe_load(path.read_text()) \
+                and path.stem not in DATA_METHODS:  # a plain distill config (e.g. teacher_hacking.yaml)
+            from distillery.lm.config import load_lm_config
+
+            assert load_lm_config(path).student.path
+            return
+        command = path.stem if path.stem in DATA_METHODS else {"symbolic_kd": "symbolic", "i2d2": "symbolic"}[path.stem]
+        module = importlib.import_module(f"distillery.lm.{DATA_METHODS[command][0]}")
+        assert getattr(module, f"load_{command}_config")(path) is not None
+        return
     if path.parent.name == "lm":  # a `distillery lm distill` config
         from distillery.lm.config import load_lm_config
 

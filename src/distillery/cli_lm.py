@@ -6,6 +6,9 @@
     distillery lm cache build CONFIG     run the teacher once; store top-k / sampled log-probs
     distillery lm encoder CONFIG         distil a sentence encoder (configs/encoder/minilm_3layer.yaml)
     distillery lm recipe CONFIG          stages, each starting from the last (ERNIE-Tiny's progressive schedule)
+    distillery lm serve MODEL            a local LM as an OpenAI-compatible /v1/completions endpoint
+    distillery lm miniplm|ddk|symbolic|arte|promptmix|pgkd|redi|mgsr|competitive CONFIG
+                                         distil through data (configs/lm/data/)
 """
 from __future__ import annotations
 
@@ -150,3 +153,36 @@ def cache_build(config: Path, set: Optional[List[str]] = SetOpt,
     store = build_cache(load_lm_config(config, set), rebuild=rebuild)
     console.print(f"cache: {len(store)} sequences, scheme {store.scheme}, k={store.k}, "
                   f"{store.bytes_per_token:.1f} bytes/token")
+
+
+#: Data-level methods (issue "distil through data"): command -> (module of distillery.lm, help).
+#: Each module has ``load_<command>_config(path, overrides)`` and ``run_<command>(cfg, overwrite=...)``.
+DATA_METHODS = {
+    "miniplm": ("miniplm", "MiniPLM: select pre-training documents by teacher-vs-reference difference sampling, then train."),
+    "ddk": ("ddk", "DDK: distil with a domain mixture driven by the per-domain teacher-student loss gap."),
+    "symbolic": ("symbolic", "Symbolic KD / I2D2: the teacher writes a corpus, a critic filters it, the student learns it."),
+    "arte": ("arte", "ARTE: align the teacher to the student's in-context preferences (DPO), regenerate, train."),
+    "promptmix": ("promptmix", "PromptMix: borderline examples between classes, relabelled by the teacher, for a small classifier."),
+    "pgkd": ("pgkd", "PGKD: the teacher writes new examples from the student's validation errors, with early stopping."),
+    "redi": ("redi", "REDI: learn from correct and incorrect teacher traces with the asymmetric REDI objective."),
+    "mgsr": ("mgsr", "Multi-granularity semantic revision: teacher-revised sequences, DAC-KL and span correlation."),
+    "competitive": ("competitive", "Competitive distillation: rounds of answer comparison and instruction evolution."),
+}
+
+
+def _data_command(name: str, module: str, help_: str) -> None:
+    def command(config: Path, set: Optional[List[str]] = SetOpt,
+                overwrite: bool = typer.Option(False, help="Redo every stage, replacing the run directory.")):
+        import importlib
+
+        mod = importlib.import_module(f"distillery.lm.{module}")
+        cfg = getattr(mod, f"load_{name}_config")(config, set)
+        summary = getattr(mod, f"run_{name}")(cfg, overwrite=overwrite)
+        console.print_json(json.dumps(summary, default=str))
+
+    command.__doc__ = help_
+    lm_app.command(name)(_friendly(command))
+
+
+for _name, (_module, _help) in DATA_METHODS.items():
+    _data_command(_name, _module, _help)
