@@ -191,6 +191,9 @@ class LMRunConfig(_Strict):
             raise ValueError("loss.weight: 0 leaves nothing to learn: add a `hidden:` section or loss.ce_weight")
         if self.monitor is not None and self.teacher is None:
             raise ValueError("monitor.oracle compares the student with the oracle *and the teacher*: add a `teacher:`")
+        if self.monitor is not None and self.loss.name == "uld":
+            raise ValueError("monitor.oracle compares token distributions over one vocabulary, and a uld teacher has "
+                             "another tokenizer: remove `monitor:` or distil with a token loss and a shared tokenizer")
         if self.student.lora is not None and self.student.init == "random":
             raise ValueError("student.lora adapts pretrained weights: use init: pretrained with lora")
         return self

@@ -14,6 +14,14 @@ Every ``monitor.every`` steps this hook measures on held-out batches, per scored
 The *hacking signal* is how far the golden metric has risen above its running minimum while the
 proxy has kept falling since that minimum (both in nats/token); ``summary()`` says whether it
 exceeded ``tolerance`` (1 % of the minimum) by the end of the run.
+
+What differs from the paper: its golden and proxy metrics are distances between the models'
+response distributions on held-out prompts; here both are teacher-forced per-token KLs on
+held-out text (one forward pass per model, no sampling), a cheaper stand-in that cannot see
+errors the student makes only on its own generations.  The training loss is the proxy on the
+training data: with a fixed offline set it can keep falling while the held-out proxy stalls.
+``hacking_signal_max`` keeps the largest signal seen during the run, since an episode of hacking
+can end before the run does.
 """
 from __future__ import annotations
 
@@ -92,13 +100,15 @@ class OracleMonitor(LMHook):
         self.history.append(row)
         return {"oracle_kl": row["oracle_kl"], "teacher_kl": row["teacher_kl"], "hacking": self.signal()}
 
-    def signal(self) -> float:
+    def signal(self, upto: int | None = None) -> float:
         """Rise of the golden metric above its minimum so far, counted only while the proxy has
-        fallen since that minimum (the student keeps approaching the teacher); else 0."""
-        if not self.history:
+        fallen since that minimum (the student keeps approaching the teacher); else 0.
+        ``upto``: as it was after the first ``upto`` measurements."""
+        history = self.history if upto is None else self.history[:upto]
+        if not history:
             return 0.0
-        best = min(self.history, key=lambda r: r["oracle_kl"])
-        last = self.history[-1]
+        best = min(history, key=lambda r: r["oracle_kl"])
+        last = history[-1]
         if last["teacher_kl"] < best["teacher_kl"]:
             return max(0.0, last["oracle_kl"] - best["oracle_kl"])
         return 0.0
@@ -112,7 +122,9 @@ class OracleMonitor(LMHook):
         return {"oracle": self.spec.oracle, "oracle_teacher_kl": self.floor,
                 "oracle_kl_min": best["oracle_kl"], "oracle_kl_min_step": best["step"],
                 "oracle_kl_final": last["oracle_kl"], "teacher_kl_final": last["teacher_kl"],
-                "hacking_signal": signal, "teacher_hacking": signal > self.tolerance * best["oracle_kl"]}
+                "hacking_signal": signal,
+                "hacking_signal_max": max(self.signal(k) for k in range(1, len(self.history) + 1)),
+                "teacher_hacking": signal > self.tolerance * best["oracle_kl"]}
 
     def state_dict(self) -> dict:
         return {"history": self.history, "floor": self.floor}
