@@ -126,6 +126,23 @@ class Hidden(_Strict):
     mapping: Literal["uniform"] | list[tuple[int, int]] = "uniform"
 
 
+class ExtraTerm(_Strict):
+    """A term of ``distillery.lm.terms.TERMS`` (e.g. dac_kl, span_correlation) added to the loss."""
+
+    name: str = Field(description="A name of distillery.lm.terms.TERMS.")
+    weight: float = Field(1.0, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the term.")
+    lr: float | None = Field(None, gt=0, description="Learning rate of the term's own parameters (default train.lr).")
+
+    @model_validator(mode="after")
+    def _known(self) -> "ExtraTerm":
+        from distillery.lm.terms import TERMS
+
+        if self.name not in TERMS:
+            raise ValueError(f"unknown extra term {self.name!r}; known: {sorted(TERMS)}")
+        return self
+
+
 class Monitor(_Strict):
     """Teacher hacking (Tiapkin et al., 2025): measure the student against an *oracle* -- the
     model the teacher itself imitates -- as well as against the teacher, on held-out data."""
@@ -165,6 +182,8 @@ class LMRunConfig(_Strict):
     hidden: Hidden | None = None
     train: LMTrain = LMTrain()
     monitor: Monitor | None = None
+    extra_terms: list[ExtraTerm] = Field(default_factory=list, description="Terms with their own parameters "
+                                         "(distillery.lm.terms), e.g. MGSR's dac_kl and span_correlation.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "LMRunConfig":
@@ -187,8 +206,12 @@ class LMRunConfig(_Strict):
                 raise ValueError("the cache stores logits only: hidden-state distillation needs the live teacher")
         if self.loss.name == "uld" and (self.cache or self.hidden):
             raise ValueError("uld (different tokenizers) runs with the live teacher only, without cache or hidden")
-        if self.loss.weight == 0 and self.hidden is None and not self.loss.ce_weight:
-            raise ValueError("loss.weight: 0 leaves nothing to learn: add a `hidden:` section or loss.ce_weight")
+        if self.extra_terms and (self.teacher is None or self.cache is not None or self.loss.name == "uld"):
+            raise ValueError("extra_terms compare live teacher and student logits over one vocabulary: they need a "
+                             "`teacher:`, no `cache:` and a token loss other than uld")
+        if self.loss.weight == 0 and self.hidden is None and not self.loss.ce_weight and not self.extra_terms:
+            raise ValueError("loss.weight: 0 leaves nothing to learn: add a `hidden:` section, extra_terms or "
+                             "loss.ce_weight")
         if self.monitor is not None and self.teacher is None:
             raise ValueError("monitor.oracle compares the student with the oracle *and the teacher*: add a `teacher:`")
         if self.monitor is not None and self.loss.name == "uld":

@@ -44,6 +44,12 @@ class LMHook:
         (step, micro, the hook's state) so that a resumed run reads the same rows."""
         return None
 
+    def transform_batch(self, step: int, batch: dict, ctx: HookContext) -> dict:
+        """The batch step ``step`` trains on, given the one it read (after on-policy generation):
+        e.g. rows replaced by teacher-revised student generations.  Randomness here is seeded by
+        the trainer per step, so a resumed run transforms the same way."""
+        return batch
+
     def after_step(self, step: int, ctx: HookContext) -> dict[str, float]:
         """Called after optimiser step ``step``; returned values are logged to metrics.jsonl."""
         return {}

@@ -77,14 +77,22 @@ class _Objective(nn.Module):
     """Student (+ hidden-state projections): what Accelerate wraps and the optimiser trains.
     ``forward`` returns the named loss terms, so that DDP sees one forward per step."""
 
-    def __init__(self, student: nn.Module, cfg: LMRunConfig, vocab: int, layer_map: nn.Module | None):
+    def __init__(self, student: nn.Module, cfg: LMRunConfig, vocab: int, layer_map: nn.Module | None, tokenizer=None):
         super().__init__()
+        from distillery.lm.terms import TERMS
+
         self.student = student
         self.layer_map = layer_map
         self.cfg = cfg
         self.vocab = vocab
         self.params_ = _loss_params(cfg)
-        self.fused = cfg.loss.fused and cfg.loss.name not in ("ce", "uld") and cfg.cache is None
+        try:
+            self.extras = nn.ModuleDict({t.name: TERMS[t.name](tokenizer, **t.params) for t in cfg.extra_terms})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"extra_terms: {err}") from None
+        # extra terms read the student's full logits; a latent-only stage (weight 0) may need them for CE
+        self.fused = (cfg.loss.fused and cfg.loss.name not in ("ce", "uld") and cfg.cache is None
+                      and cfg.loss.weight > 0 and not cfg.extra_terms)
 
     def _student(self, batch: dict, hidden: bool):
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -145,6 +153,9 @@ class _Objective(nn.Module):
             terms[cfg.loss.name] = w * chunked_token_loss(cfg.loss.name, student_in, t_logits, targets,
                                                           chunk_size=cfg.loss.chunk_size,
                                                           ce_weight=cfg.loss.ce_weight / w, **kw, **params)
+        for spec in cfg.extra_terms:
+            values = self.extras[spec.name](out.logits[..., :V], teacher["logits"][..., :V], targets)
+            terms.update({k: spec.weight * v for k, v in values.items()})
         if self.layer_map is not None:
             mask = batch["attention_mask"]
             terms["hidden"] = cfg.hidden.weight * self.layer_map(out.hidden_states, teacher["hidden_states"], mask)
@@ -295,9 +306,12 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                                  mapping=cfg.hidden.mapping, loss=cfg.hidden.loss)
         except ValueError as err:
             raise ConfigError(f"hidden.mapping: {err}") from None
-    objective = _Objective(student, cfg, vocab, layer_map)
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=tc.lr,
-                                  weight_decay=tc.weight_decay)
+    objective = _Objective(student, cfg, vocab, layer_map, student_tok)
+    own = {id(p) for t in cfg.extra_terms if t.lr is not None for p in objective.extras[t.name].parameters()}
+    groups = [{"params": [p for p in objective.parameters() if p.requires_grad and id(p) not in own]}]
+    groups += [{"params": list(objective.extras[t.name].parameters()), "lr": t.lr}
+               for t in cfg.extra_terms if t.lr is not None]
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     taid = None
     if cfg.loss.name == "taid":
@@ -330,7 +344,7 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
     metrics_path = run_dir / "metrics.jsonl"
     history: list[dict] = [json.loads(line) for line in metrics_path.read_text().splitlines()] if resume and metrics_path.is_file() else []
     raw_student = lambda: accelerator.unwrap_model(objective).student  # noqa: E731
-    t0, running = time.perf_counter(), []
+    t0, c0, running = time.perf_counter(), time.process_time(), []
     ctx = HookContext(raw_student(), teacher, student_tok, train, eval_loader, vocab, device, run_dir, tc.max_steps)
     for hook in hooks:
         hook.setup(ctx)
@@ -383,6 +397,8 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                                            eos_id=student_tok.eos_token_id, do_sample=True,
                                            temperature=op.temperature, top_k=op.top_k, device=device)
                     batch = {k: v.to(device) for k, v in batch.items()}
+                for hook in hooks:  # e.g. MGSR's revision of the student's own generations
+                    batch = {k: v.to(device) for k, v in hook.transform_batch(step, batch, ctx).items()}
                 if store is not None:
                     teacher_out = {"sparse": {k: v.to(device) for k, v in
                                               store.batch(batch["index"].tolist(), batch["input_ids"].shape[1]).items()}}
@@ -435,7 +451,7 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                "cache": None if store is None else {"scheme": cfg.cache.scheme, "k": cfg.cache.k,
                                                     "bytes_per_token": store.bytes_per_token},
                "onpolicy_lambda": cfg.onpolicy.lmbda, "seqkd": cfg.seqkd.enabled,
-               "wall_seconds": time.perf_counter() - t0, **final,
+               "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, **final,
                **{h.name: h.summary() for h in hooks if h.summary()}}
     if accelerator.is_main_process:
         if final:
