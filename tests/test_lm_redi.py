@@ -162,10 +162,6 @@ def test_run_redi_end_to_end_and_resume_reuses_the_stages(lm_tiny, tmp_path, mon
     run_dir = tmp_path / "runs" / "run"
     assert summary["sft"]["steps"] == 3 and summary["redi"]["steps"] == 3
     assert 0 <= summary["accuracy"] <= 1 and summary["redi"]["pairs"] >= 12
-    metrics = [json.loads(line) for line in (run_dir / "redi" / "metrics.jsonl").read_text().splitlines()]
-    # the logged loss is the REDI objective of the logged mean log-probs
-    m = metrics[-1]
-    assert m["loss"] == pytest.approx(-m["pos_logp"] + 0.8 * m["neg_logp"], rel=1e-5)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(run_dir / "redi" / "student").config.n_layer == 1
@@ -202,3 +198,43 @@ def test_an_interrupted_redi_stage_resumes_to_the_same_weights(lm_tiny, tmp_path
     assert summary["steps"] == 4
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distill_lm_pairs_format_computes_the_redi_objective(lm_tiny, tmp_path):
+    """data.format: pairs + loss.name: redi in distill_lm: the batch holds B chosen then B rejected
+    rows, prompt masked, and the loss is redi_loss of the model's own sequence log-probs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillery.errors import ConfigError
+    from distillery.lm import data as lmdata
+    from distillery.lm.config import lm_config_from_dict
+    from distillery.lm.trainer import _Objective
+    from distillery.losses.redi import redi_loss_from_logits
+
+    rows = [{"prompt": "1 + 2 =", "chosen": " ans 3", "rejected": " ans 4"},
+            {"prompt": "20 + 2 =", "chosen": " ans 22", "rejected": " ans 5 5"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"name": "p", "output_dir": str(tmp_path / "runs"), "student": {"path": str(lm_tiny["student"])},
+           "data": {"source": str(path), "format": "pairs", "block_size": 32, "eval_fraction": 0.0},
+           "loss": {"name": "redi", "params": {"alpha": 0.5}}, "train": {"max_steps": 1, "batch_size": 2}}
+    cfg = lm_config_from_dict(raw)
+    tok = AutoTokenizer.from_pretrained(lm_tiny["student"])
+    ds = lmdata.load_splits(cfg.data, tok).train
+    batch = lmdata.collate([ds[0], ds[1]], tok.pad_token_id)
+    assert int(batch["pairs"]) == 2 and batch["input_ids"].shape[0] == 4
+    for i, r in enumerate(rows):  # prompt masked, the response (+ EOS) scored, in both halves
+        p = len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
+        for j, key in ((i, "chosen"), (i + 2, "rejected")):
+            resp = tok(r[key], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            scored = batch["targets"][j][batch["targets"][j] != -100].tolist()
+            assert scored == resp and (batch["targets"][j][: p - 1] == -100).all()
+    model = AutoModelForCausalLM.from_pretrained(lm_tiny["student"]).eval()
+    terms = _Objective(model, cfg, len(tok), None, tok)(batch, {}, {})
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = redi_loss_from_logits(logits[:2], batch["targets"][:2], logits[2:], batch["targets"][2:], alpha=0.5)
+    assert float(terms["redi"]) == pytest.approx(float(want), rel=1e-6)
+    with pytest.raises(ConfigError, match="go together"):
+        lm_config_from_dict({**raw, "loss": {"name": "ce"}})
+    with pytest.raises(ConfigError, match="not parameters of 'redi'"):
+        _Objective(model, lm_config_from_dict({**raw, "loss": {"name": "redi", "params": {"beta": 1}}}), len(tok), None, tok)

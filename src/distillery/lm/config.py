@@ -29,8 +29,9 @@ from distillery.errors import ConfigError
 
 #: Token losses the trainer knows: every name of ``distillery.losses.lm.TOKEN_LOSSES`` plus ULD
 #: (different tokenizers). ``ce`` is the plain LM loss (a from-scratch baseline, or sequence-level
-#: KD on teacher-generated text).
-LOSS_NAMES = ("ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv", "taid", "uld")
+#: KD on teacher-generated text).  ``redi`` is REDI's pairwise objective on ``data.format: pairs``
+#: (a correct and an incorrect teacher trace of each prompt; Xu et al. 2025) -- no teacher logits.
+LOSS_NAMES = ("ce", "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv", "taid", "uld", "redi")
 
 
 class _Strict(BaseModel):
@@ -60,12 +61,15 @@ class LMData(_Strict):
     source: str = Field(description="File, glob, directory (of .jsonl/.json/.parquet/.txt/.py/.md files) or Hub dataset id.")
     hub_config: str | None = Field(None, description="Config name of a Hub dataset.")
     split: str = "train"
-    format: Literal["text", "prompt_response", "chat"] = Field(
+    format: Literal["text", "prompt_response", "chat", "pairs"] = Field(
         "text", description="text: documents packed into blocks; prompt_response: prompt tokens masked from the loss; "
-                            "chat: a list of {role, content} messages, all but the last assistant turn masked.")
+                            "chat: a list of {role, content} messages, all but the last assistant turn masked; "
+                            "pairs: prompt + a chosen and a rejected response (loss.name: redi).")
     text_column: str = "text"
     prompt_column: str = "prompt"
     response_column: str = "response"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     messages_column: str = "messages"
     chat_template: Literal["auto", "always", "never"] = Field(
         "auto", description="Wrap prompts with the tokenizer's chat template: when it has one (auto), always (error if none), never.")
@@ -187,7 +191,14 @@ class LMRunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "LMRunConfig":
-        if self.teacher is None and (self.loss.name != "ce" or self.onpolicy.lmbda or self.seqkd.enabled
+        if (self.loss.name == "redi") != (self.data.format == "pairs"):
+            raise ValueError("loss.name: redi and data.format: pairs go together (REDI learns from a chosen and a "
+                             "rejected response of each prompt)")
+        if self.loss.name == "redi" and (self.onpolicy.lmbda or self.seqkd.enabled or self.cache or self.hidden
+                                         or self.extra_terms or self.monitor):
+            raise ValueError("loss.name: redi trains on fixed (chosen, rejected) traces: remove onpolicy, seqkd, cache, "
+                             "hidden, extra_terms and monitor")
+        if self.teacher is None and (self.loss.name not in ("ce", "redi") or self.onpolicy.lmbda or self.seqkd.enabled
                                      or self.cache or self.hidden):
             raise ValueError(f"loss '{self.loss.name}' and on-policy/seq-KD/cache/hidden need a `teacher:` section "
                              "(use loss: {name: ce} for a from-scratch student)")

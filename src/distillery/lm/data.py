@@ -137,6 +137,8 @@ def tokenize(ds, tok, cfg: LMData):
 
         return ds.map(pack, batched=True, batch_size=256, remove_columns=ds.column_names, desc="tokenising + packing")
 
+    if cfg.format == "pairs":
+        return _tokenize_pairs(ds, tok, cfg)
     _require_columns(ds, [cfg.prompt_column, cfg.response_column] if cfg.format == "prompt_response"
                      else [cfg.messages_column], cfg)
     template = _use_template(tok, cfg)
@@ -157,6 +159,34 @@ def tokenize(ds, tok, cfg: LMData):
         return out
 
     return ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, desc="tokenising")
+
+
+def _encode_pair(p: list[int], r: list[int], block: int) -> tuple[list[int], list[int]]:
+    ids = (p + r)[:block]
+    return ids, [ids[t + 1] if t + 1 >= len(p) else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+
+
+def _tokenize_pairs(ds, tok, cfg: LMData):
+    """prompt + chosen and prompt + rejected (each + EOS), prompt masked: REDI's training pairs."""
+    _require_columns(ds, [cfg.prompt_column, cfg.chosen_column, cfg.rejected_column], cfg)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+    def encode(batch):
+        out = {"input_ids": [], "targets": [], "prompt_len": [], "rejected_ids": [], "rejected_targets": []}
+        for prompt, chosen, rejected in zip(batch[cfg.prompt_column], batch[cfg.chosen_column], batch[cfg.rejected_column]):
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            if len(p) >= cfg.block_size - 1:
+                continue
+            c_ids, c_t = _encode_pair(p, tok(chosen, add_special_tokens=False)["input_ids"] + eos, cfg.block_size)
+            r_ids, r_t = _encode_pair(p, tok(rejected, add_special_tokens=False)["input_ids"] + eos, cfg.block_size)
+            out["input_ids"].append(c_ids)
+            out["targets"].append(c_t)
+            out["prompt_len"].append(len(p))
+            out["rejected_ids"].append(r_ids)
+            out["rejected_targets"].append(r_t)
+        return out
+
+    return ds.map(encode, batched=True, batch_size=256, remove_columns=ds.column_names, desc="tokenising pairs")
 
 
 @dataclass
@@ -188,14 +218,26 @@ def load_splits(cfg: LMData, tok) -> LMSplits:
     evaluation = tokenize(eval_docs, tok, cfg) if eval_docs is not None else None
     if evaluation is not None and len(evaluation) > cfg.max_eval_blocks:
         evaluation = evaluation.select(range(cfg.max_eval_blocks))
-    cols = ["input_ids", "targets", "prompt_len"]
+    cols = ["input_ids", "targets", "prompt_len"] + (["rejected_ids", "rejected_targets"] if cfg.format == "pairs" else [])
     return LMSplits(train.with_format("torch", columns=cols),
                     None if evaluation is None or len(evaluation) == 0 else evaluation.with_format("torch", columns=cols),
                     len(docs))
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row: padding gets ``pad_id``, attention 0 and target -100."""
+    """Right-pad to the longest row: padding gets ``pad_id``, attention 0 and target -100.
+
+    Pair rows (``rejected_ids``): the batch holds the B chosen sequences, then the B rejected
+    ones (2B rows), and ``pairs`` = B."""
+    if "rejected_ids" in rows[0]:
+        rejected = [{"input_ids": r["rejected_ids"], "targets": r["rejected_targets"], "prompt_len": r["prompt_len"]}
+                    for r in rows]
+        chosen = [{k: r[k] for k in ("input_ids", "targets", "prompt_len")} for r in rows]
+        out = collate(chosen + rejected, pad_id)
+        out["pairs"] = torch.tensor(len(rows))
+        if "index" in rows[0]:
+            out["index"] = torch.as_tensor([int(r["index"]) for r in rows])
+        return out
     length = max(len(r["input_ids"]) for r in rows)
     n = len(rows)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)

@@ -18,8 +18,9 @@ on correct traces (``distill_lm``, loss ce) so that its temperature-1 samples ar
 and sometimes wrong -- the raw material of REDI.  Differences from the paper: one REDI pass over
 sampled pairs (the paper uses one epoch of its pair set too), a fixed number of steps, AdamW with a
 constant learning rate, and pairs built from every positive x negative combination of a problem
-up to ``redi.pairs_per_problem``.  ``distill_lm`` cannot express a pairwise objective, so stage 2
-is a compact loop here (atomic checkpoints, resume, ``save_pretrained`` export).
+up to ``redi.pairs_per_problem``.  Both stages are ``distill_lm`` runs: stage 2 reads the pairs as
+``data.format: pairs`` with ``loss.name: redi`` (so it is also ``distillery lm distill`` with such a
+config, on any pair data).
 """
 from __future__ import annotations
 
@@ -32,16 +33,14 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distillery.config import format_validation_error, read_yaml
-from distillery.engine.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from distillery.engine.checkpoint import atomic_write_text
 from distillery.engine.progress import ProgressBar
 from distillery.errors import ConfigError, DataError, RunDirExistsError
 from distillery.lm.textgen import GeneratorSpec, HFGenerator, load_generator
-from distillery.losses.redi import redi_loss, sequence_logprobs
 
 
 class _Strict(BaseModel):
@@ -270,20 +269,11 @@ def make_pairs(rows: list[dict], per_problem: int, seed: int) -> list[tuple[str,
     return pairs
 
 
-def _encode(tok, prompt: str, response: str) -> dict:
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
-    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    ids = p + r
-    return {"input_ids": ids, "targets": [ids[t + 1] if t + 1 >= len(p) else -100 for t in range(len(ids) - 1)] + [-100],
-            "prompt_len": len(p)}
-
-
 def redi_stage(cfg: REDIConfig, start: Path, pairs: list, run_dir: Path) -> tuple[Path, dict]:
-    """Stage 2: the REDI objective on (positive, negative) pairs, from the SFT student."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from distillery.lm.data import collate
-    from distillery.lm.trainer import _export
+    """Stage 2: the REDI objective on (positive, negative) pairs, from the SFT student --
+    ``distill_lm`` with ``data.format: pairs`` and ``loss.name: redi``."""
+    from distillery.lm.config import lm_config_from_dict
+    from distillery.lm.trainer import distill_lm
 
     rc = cfg.redi
     if (run_dir / "summary.json").is_file() and (run_dir / "student" / "config.json").is_file():
@@ -291,44 +281,24 @@ def redi_stage(cfg: REDIConfig, start: Path, pairs: list, run_dir: Path) -> tupl
     if not pairs:
         raise DataError("the teacher's traces gave no (positive, negative) pair of one problem: sample more traces "
                         "per problem or at a higher temperature, or set redi.steps: 0")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(start)
-    model = AutoModelForCausalLM.from_pretrained(start)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=rc.lr)
-    step, history = 0, []
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        step, history = state["step"], state["history"]
-    encoded = [(_encode(tok, p, y), _encode(tok, p, n)) for p, y, n in pairs]
-    model.train()
-    t0 = time.perf_counter()
-    with ProgressBar(rc.steps, enabled=cfg.progress, initial=step, title=f"{cfg.name} REDI") as bar:
-        while step < rc.steps:
-            # the rows and the dropout of a step are a function of (seed, step): a resumed run repeats them
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
-            pick = torch.randint(len(encoded), (rc.batch_size,)).tolist()
-            batch = collate([encoded[i][0] for i in pick] + [encoded[i][1] for i in pick], tok.pad_token_id or 0)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            lp, n = sequence_logprobs(logits, batch["targets"])
-            b = rc.batch_size
-            loss = redi_loss(lp[:b], n[:b], lp[b:], n[b:], alpha=rc.alpha, pos_weight=rc.pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            mean_lp = (lp.detach() / n)
-            history.append({"step": step, "loss": float(loss.detach()), "pos_logp": float(mean_lp[:b].mean()),
-                            "neg_logp": float(mean_lp[b:].mean())})
-            bar.step(loss=float(loss.detach()), samples=2 * b)
-            if rc.checkpoint_every and step % rc.checkpoint_every == 0:
-                save_checkpoint(run_dir, step, model, optimizer, {"step": step, "history": history})
-    save_checkpoint(run_dir, step, model, optimizer, {"step": step, "history": history})
-    _export(model, tok, run_dir)
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    summary = {"steps": step, "pairs": len(pairs), "alpha": rc.alpha, "wall_seconds": time.perf_counter() - t0,
-               "final": history[-1] if history else None}
+    data = run_dir.parent / "pairs.jsonl"
+    if not data.is_file():
+        _write_jsonl(data, [{"prompt": p, "chosen": y, "rejected": n} for p, y, n in pairs])
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(start)
+    block = min(96, getattr(context, "n_positions", None) or getattr(context, "max_position_embeddings", 96))
+    lm_cfg = lm_config_from_dict({
+        "name": run_dir.name, "output_dir": str(run_dir.parent), "student": {"path": str(start)},
+        "data": {"source": str(data), "format": "pairs", "block_size": block, "eval_fraction": 0.0},
+        "loss": {"name": "redi", "params": {"alpha": rc.alpha, "pos_weight": rc.pos_weight}},
+        "train": {"max_steps": rc.steps, "batch_size": rc.batch_size, "lr": rc.lr, "warmup_steps": 0,
+                  "scheduler": "constant", "checkpoint_every": rc.checkpoint_every, "seed": cfg.seed,
+                  "progress": cfg.progress}})
+    resume = (run_dir / "checkpoints").is_dir()
+    summary = distill_lm(lm_cfg, resume=resume, overwrite=not resume).summary
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary.update(pairs=len(pairs), alpha=rc.alpha, final=rows[-1] if rows else None)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return run_dir / "student", summary
 

@@ -63,6 +63,11 @@ def _loss_params(cfg: LMRunConfig) -> dict:
     import inspect
 
     name, params = cfg.loss.name, dict(cfg.loss.params)
+    if name == "redi":
+        unknown = set(params) - {"alpha", "pos_weight"}
+        if unknown:
+            raise ConfigError(f"loss.params {sorted(unknown)} are not parameters of 'redi' (it takes alpha, pos_weight)")
+        return params
     fn = uld if name == "uld" else TOKEN_LOSSES[name]
     accepted = set(inspect.signature(fn).parameters) - {"student_logits", "teacher_logits", "targets", "teacher_targets"}
     if name not in ("ce", "taid", "tv"):
@@ -91,7 +96,7 @@ class _Objective(nn.Module):
         except (TypeError, ValueError) as err:
             raise ConfigError(f"extra_terms: {err}") from None
         # extra terms read the student's full logits; a latent-only stage (weight 0) may need them for CE
-        self.fused = (cfg.loss.fused and cfg.loss.name not in ("ce", "uld") and cfg.cache is None
+        self.fused = (cfg.loss.fused and cfg.loss.name not in ("ce", "uld", "redi") and cfg.cache is None
                       and cfg.loss.weight > 0 and not cfg.extra_terms)
 
     def _student(self, batch: dict, hidden: bool):
@@ -111,6 +116,12 @@ class _Objective(nn.Module):
             if cfg.loss.ce_weight:
                 terms["ce"] = cfg.loss.ce_weight * F.cross_entropy(out.logits[..., :V].flatten(0, -2).float(),
                                                                    targets.flatten(), ignore_index=lmdata.IGNORE)
+        elif cfg.loss.name == "redi":  # rows: B chosen, then B rejected (lm.data.collate of pairs)
+            from distillery.losses.redi import redi_loss, sequence_logprobs
+
+            lp, n = sequence_logprobs(out.logits[..., :V], targets)
+            b = int(batch["pairs"])
+            terms["redi"] = cfg.loss.weight * redi_loss(lp[:b], n[:b], lp[b:], n[b:], **params)
         elif cfg.loss.name == "ce":
             logits = out.logits[..., :V]
             terms["ce"] = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=lmdata.IGNORE)
@@ -216,6 +227,9 @@ def evaluate_lm(student, teacher, loader, device, vocab: int) -> dict[str, float
     sums = {"nll": 0.0, "teacher_nll": 0.0, "agree": 0.0, "kl": 0.0}
     tokens = 0
     for batch in loader:
+        if "pairs" in batch:  # (chosen, rejected) pairs: the chosen sequences are the held-out text
+            b = int(batch.pop("pairs"))
+            batch = {k: v[:b] for k, v in batch.items()}
         batch = {k: v.to(device) for k, v in batch.items()}
         valid = batch["targets"] != lmdata.IGNORE
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab].float()
@@ -432,7 +446,7 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                     row.update(evaluate_lm(raw_student(), eval_teacher, eval_loader, device, vocab))
                 hooked = {k: v for h in hooks for k, v in h.after_step(step, ctx).items()}
                 row.update(hooked)
-                if accelerator.is_main_process and (step % 10 == 0 or "eval_ppl" in row or hooked):
+                if accelerator.is_main_process and (step % 10 == 0 or "eval_ppl" in row or hooked or step == tc.max_steps):
                     history.append(row)
                     with metrics_path.open("a") as fh:
                         fh.write(json.dumps(row) + "\n")
