@@ -73,6 +73,11 @@ def test_shipped_configs_validate(path):
 
         load_search_config(path)
         return
+    if path.parent.name == "encoder" and path.stem == "autodistil":  # `distillery lm autodistil`
+        from distillery.search.autodistil_config import load_autodistil_config
+
+        assert load_autodistil_config(path).subspaces
+        return
     if path.parent.name == "encoder":  # `distillery lm encoder`
         from distillery.lm.encoder import load_encoder_config
 

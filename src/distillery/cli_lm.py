@@ -5,6 +5,7 @@
     distillery lm distill CONFIG         distil (or train with loss: ce) from a config such as configs/lm/fkl.yaml
     distillery lm cache build CONFIG     run the teacher once; store top-k / sampled log-probs
     distillery lm encoder CONFIG         distil a sentence encoder (configs/encoder/minilm_3layer.yaml)
+    distillery lm autodistil CONFIG      AutoDistil: search a smaller encoder under a budget (configs/encoder/autodistil.yaml)
     distillery lm recipe CONFIG          stages, each starting from the last (ERNIE-Tiny's progressive schedule)
     distillery lm serve MODEL            a local LM as an OpenAI-compatible /v1/completions endpoint
     distillery lm miniplm|ddk|symbolic|arte|promptmix|pgkd|redi|mgsr|competitive CONFIG
@@ -117,6 +118,19 @@ def encoder(config: Path, set: Optional[List[str]] = SetOpt):
 
     metrics = distill_encoder(load_encoder_config(config, set))
     console.print_json(json.dumps(metrics, default=str))
+
+
+@lm_app.command("autodistil")
+@_friendly
+def autodistil(config: Path, set: Optional[List[str]] = SetOpt):
+    """AutoDistil: K weight-sharing BERT super-networks, self-attention distillation, best student per budget."""
+    from rich.markdown import Markdown
+
+    from distillery.search.autodistil import run_autodistil
+    from distillery.search.autodistil_config import load_autodistil_config
+
+    summary = run_autodistil(load_autodistil_config(config, set))
+    console.print(Markdown(Path(summary["files"]["markdown"]).read_text()))
 
 
 @lm_app.command("prepare")
