@@ -45,6 +45,7 @@ ELSEWHERE = {
     "mlkd": "multi-label only: benchmarks/results/fmnist_multilabel.md",
     "crkd": "novel-class discovery (teacher on known classes): benchmarks/results/ncd_crkd.md",
     "kd3": "distils from an unlabelled, distribution-shifted web pool: benchmarks/results/kd3_web.md",
+    "wa": "class-incremental (teacher on the old classes): benchmarks/results/class_incremental.md",
 }
 
 
