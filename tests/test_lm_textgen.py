@@ -57,6 +57,8 @@ def test_n_samples_and_stop_strings(gen):
 def test_prompt_longer_than_the_context_is_refused(gen):
     with pytest.raises(DataError, match="context"):
         gen.complete(["x " * 200], max_new_tokens=8)
+    with pytest.raises(DataError, match="greedy decoding"):
+        gen.complete(["x"], max_new_tokens=2, temperature=0.0, n=2)
 
 
 def test_endpoint_teacher_matches_the_local_one(gen):

@@ -8,7 +8,7 @@
     distillery lm autodistil CONFIG      AutoDistil: search a smaller encoder under a budget (configs/encoder/autodistil.yaml)
     distillery lm recipe CONFIG          stages, each starting from the last (ERNIE-Tiny's progressive schedule)
     distillery lm serve MODEL            a local LM as an OpenAI-compatible /v1/completions endpoint
-    distillery lm miniplm|ddk|symbolic|arte|promptmix|pgkd|redi|mgsr|competitive CONFIG
+    distillery lm miniplm|ddk|symbolic|i2d2|arte|promptmix|pgkd|redi|mgsr|competitive CONFIG
                                          distil through data (configs/lm/data/)
 """
 from __future__ import annotations
@@ -174,7 +174,8 @@ def cache_build(config: Path, set: Optional[List[str]] = SetOpt,
 DATA_METHODS = {
     "miniplm": ("miniplm", "MiniPLM: select pre-training documents by teacher-vs-reference difference sampling, then train."),
     "ddk": ("ddk", "DDK: distil with a domain mixture driven by the per-domain teacher-student loss gap."),
-    "symbolic": ("symbolic", "Symbolic KD / I2D2: the teacher writes a corpus, a critic filters it, the student learns it."),
+    "symbolic": ("symbolic", "Symbolic KD (West et al. 2022): the teacher writes from few-shot prompts, a critic filters, the student learns."),
+    "i2d2": ("symbolic", "I2D2 (Bhagavatula et al. 2023): NeuroLogic-constrained generation, critic filter, self-imitation rounds."),
     "arte": ("arte", "ARTE: align the teacher to the student's in-context preferences (DPO), regenerate, train."),
     "promptmix": ("promptmix", "PromptMix: borderline examples between classes, relabelled by the teacher, for a small classifier."),
     "pgkd": ("pgkd", "PGKD: the teacher writes new examples from the student's validation errors, with early stopping."),

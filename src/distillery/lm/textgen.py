@@ -113,6 +113,8 @@ class HFGenerator:
     @torch.no_grad()
     def complete(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  n: int = 1, stop: list[str] | None = None, seed: int | None = None) -> list[list[str]]:
+        if temperature == 0 and n > 1:
+            raise DataError("greedy decoding (temperature 0) gives one continuation per prompt: use n=1 or temperature > 0")
         if seed is not None:
             torch.manual_seed(seed)
         encoded = [self.encode(p) for p in prompts]
