@@ -59,8 +59,8 @@ def assemble() -> Path:
     parts = ["# Distil through data — results on the offline LM demo\n",
              "Teacher: the demo's GPT-2 (`distillery lm prepare`: byte-level BPE 4k, 4 layers x 192, trained on "
              "this interpreter's standard-library sources) unless a section says otherwise; students are GPT-2 "
-             "2 x 96 or smaller. Each section was produced by `python benchmarks/lm_data.py ITEM` and states its "
-             "budget, command, date and machine. Several items ran side by side on the 2-core machine, so wall "
+             "2 x 96 or smaller. Each section was produced by its module (`python benchmarks/lm_data/ITEM.py`, or "
+             "`python benchmarks/lm_data.py ITEM`) and states its budget, command, date and machine. Several items ran side by side on the 2-core machine, so wall "
              "times (where shown) are inflated; quality figures are not affected.\n",
              f"_Assembled {dt.date.today().isoformat()} by `python benchmarks/lm_data.py --assemble`._\n"]
     missing = []
