@@ -143,6 +143,37 @@ def incremental(config: Path, set: Optional[List[str]] = SetOpt,
     console.print(f"average incremental accuracy {100 * result['average_incremental_accuracy']:.2f}%")
 
 
+@app.command("prune-kd")
+@friendly
+def prune_kd(config: Path, set: Optional[List[str]] = SetOpt,
+             fractions: str = typer.Option("0.1,0.3,0.5,1.0", "--fractions", help="Keep fractions in (0, 1], comma- or space-separated."),
+             scorer: str = typer.Option("random", "--scorer", help="random | el2n | teacher_el2n"),
+             keep: str = typer.Option("hard", "--keep", help="hard (highest scores) | easy"),
+             variants: str = typer.Option("ce,kd,adaptive", "--variants", help="ce | kd (config alpha) | adaptive | a KD weight in [0, 1]"),
+             seeds: str = typer.Option("0", "--seeds", help="Training seeds, e.g. 0,1")):
+    """KD on pruned data: train on kept fractions with CE / KD / adaptive-alpha KD (Ben-Baruch et al.)."""
+    from distillery.config import load_config
+    from distillery.errors import ConfigError
+    from distillery.recipes.pruned_kd import run_pruned_kd
+
+    def parse(text, cast, what):
+        try:
+            return [cast(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"--{what} must be a list of numbers, got {text!r}") from None
+
+    vs = [v if v in ("ce", "kd", "adaptive") else parse(v, float, "variants")[0] for v in variants.replace(",", " ").split()]
+    result = run_pruned_kd(load_config(config, set), parse(fractions, float, "fractions"), scorer, keep=keep,
+                           variants=tuple(vs), seeds=parse(seeds, int, "seeds"))
+    table = Table(title=f"pruned-data KD ({scorer}, keep {keep})")
+    for col in ("keep fraction", "rows", "variant", "alpha", "test accuracy"):
+        table.add_column(col, justify="right")
+    for s in sorted(result["summary"], key=lambda s: (s["fraction"], str(s["variant"]))):
+        table.add_row(f"{s['fraction']:g}", str(s["train_rows"]), str(s["variant"]), f"{s['alpha']:.3f}",
+                      f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}%")
+    console.print(table)
+
+
 @app.command("eval")
 @friendly
 def eval_(target: Path = typer.Argument(..., help="A run directory, or the config that produced one."),
