@@ -233,7 +233,7 @@ def test_distill_lm_pairs_format_computes_the_redi_objective(lm_tiny, tmp_path):
     terms = _Objective(model, cfg, len(tok), None, tok)(batch, {}, {})
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     want = redi_loss_from_logits(logits[:2], batch["targets"][:2], logits[2:], batch["targets"][2:], alpha=0.5)
-    assert float(terms["redi"]) == pytest.approx(float(want), rel=1e-6)
+    assert float(terms["redi"].detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     with pytest.raises(ConfigError, match="go together"):
         lm_config_from_dict({**raw, "loss": {"name": "ce"}})
     with pytest.raises(ConfigError, match="not parameters of 'redi'"):
