@@ -46,6 +46,8 @@ ELSEWHERE = {
     "crkd": "novel-class discovery (teacher on known classes): benchmarks/results/ncd_crkd.md",
     "kd3": "distils from an unlabelled, distribution-shifted web pool: benchmarks/results/kd3_web.md",
     "wa": "class-incremental (teacher on the old classes): benchmarks/results/class_incremental.md",
+    "distill_nearest": "sources trained on other label sets: benchmarks/results/similar_tasks.md",
+    "distill_weighted": "sources trained on other label sets: benchmarks/results/similar_tasks.md",
 }
 
 
