@@ -174,6 +174,32 @@ def prune_kd(config: Path, set: Optional[List[str]] = SetOpt,
     console.print(table)
 
 
+@app.command("active-kd")
+@friendly
+def active_kd(config: Path, set: Optional[List[str]] = SetOpt,
+              rounds: int = typer.Option(4, "--rounds", help="Query rounds after the seed set."),
+              per_round: int = typer.Option(200, "--per-round", help="Teacher queries per round."),
+              strategy: str = typer.Option("rad", "--strategy", help="random | margin | rad"),
+              seed_size: int = typer.Option(100, "--seed-size", help="Random seed set (its labels estimate the teacher's error)."),
+              seeds: str = typer.Option("0", "--seeds", help="Training seeds, e.g. 0,1")):
+    """Active distillation under a teacher-query budget (Baykal et al., Robust Active Distillation)."""
+    from distillery.config import load_config
+    from distillery.errors import ConfigError
+    from distillery.recipes.active_kd import run_active_kd
+
+    try:
+        seed_list = [int(t) for t in seeds.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--seeds must be a list of integers, got {seeds!r}") from None
+    result = run_active_kd(load_config(config, set), rounds, per_round, strategy, seed_size, seeds=seed_list)
+    table = Table(title=f"active KD ({strategy})")
+    for col in ("strategy", "teacher queries", "seeds", "test accuracy"):
+        table.add_column(col, justify="right")
+    for s in result["summary"]:
+        table.add_row(s["strategy"], str(s["queries"]), str(s["n"]), f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}%")
+    console.print(table)
+
+
 @app.command("eval")
 @friendly
 def eval_(target: Path = typer.Argument(..., help="A run directory, or the config that produced one."),
