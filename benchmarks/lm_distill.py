@@ -64,7 +64,7 @@ def agreement_with(teacher_dir: str, raw: dict, summary: dict) -> dict:
 
     from distillery.lm import data as lmdata
     from distillery.lm.config import lm_config_from_dict
-    from distillery.lm.trainer import evaluate_lm
+    from distillery.lm.evaluate import evaluate_lm
 
     cfg = lm_config_from_dict(raw)
     run_dir = Path(cfg.output_dir) / cfg.name

@@ -94,7 +94,8 @@ def test_end_to_end_the_logged_values_are_the_kls_of_the_exported_student(lm_tin
 
     from distillery.lm import data as lmdata
     from distillery.lm import models as lmmodels
-    from distillery.lm.trainer import distill_lm, evaluate_lm
+    from distillery.lm.evaluate import evaluate_lm
+    from distillery.lm.trainer import distill_lm
 
     cfg = _monitored(lm_tiny, tmp_path, other_oracle)
     result = distill_lm(cfg)

@@ -377,7 +377,7 @@ def run_arte(cfg: ARTEConfig, *, overwrite: bool = False) -> dict:
     from distillery.lm.config import LMModel
     from distillery.lm.data import collate
     from distillery.lm.textgen import load_generator
-    from distillery.lm.trainer import evaluate_lm
+    from distillery.lm.evaluate import evaluate_lm
 
     cfg.teacher.model_spec()  # ARTE fine-tunes the teacher: refuse an endpoint before any work
     run_dir = _run_dir(cfg, overwrite)

@@ -306,7 +306,7 @@ def _heldout_ppl(student_dir: Path, teacher_model, source: str) -> dict:
     from distillery.lm import data as lmdata
     from distillery.lm import models as lmmodels
     from distillery.lm.config import LMData
-    from distillery.lm.trainer import evaluate_lm
+    from distillery.lm.evaluate import evaluate_lm
 
     spec = LMModel(path=str(student_dir))
     tok = lmmodels.load_tokenizer(spec)

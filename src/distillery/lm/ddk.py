@@ -202,7 +202,7 @@ class DDKMixture(LMHook):
 
     @torch.no_grad()
     def _perplexities(self, model, ctx: HookContext) -> list[float]:
-        from distillery.lm.trainer import evaluate_lm
+        from distillery.lm.evaluate import evaluate_lm
 
         return [evaluate_lm(model, None, _loader(v, self.batch_size, self.pad_id), ctx.device, ctx.vocab)["eval_ppl"]
                 for v in self.val_sets]
@@ -291,7 +291,8 @@ def run_ddk(cfg: DDKConfig, *, overwrite: bool = False) -> dict:
     domain's held-out test perplexity (student and teacher); writes summary.json, mixture.png."""
     from distillery.lm import models as lmmodels
     from distillery.lm.config import lm_config_from_dict
-    from distillery.lm.trainer import distill_lm, evaluate_lm
+    from distillery.lm.evaluate import evaluate_lm
+    from distillery.lm.trainer import distill_lm
 
     run_dir = _prepare_dir(cfg, overwrite)
     if (run_dir / "summary.json").is_file():

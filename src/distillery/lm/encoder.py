@@ -41,7 +41,7 @@ from torch import Tensor
 from distillery.errors import ConfigError, RunDirExistsError
 from distillery.lm.hidden import LayerMap
 from distillery.lm.wordnet import load_glosses
-from distillery.losses.minilm import RELATION_NAMES, qkv_relation_kl
+from distillery.losses.minilm import check_relation_weights, qkv_relation_kl
 from distillery.taps import Taps
 
 BERT_QKV = ("encoder.layer.{layer}.attention.self.query", "encoder.layer.{layer}.attention.self.key",
@@ -99,12 +99,7 @@ class EncoderDistillConfig(BaseModel):
     @field_validator("relation_weights")
     @classmethod
     def _known_relations(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(v) - set(RELATION_NAMES))
-        if unknown:
-            raise ValueError(f"unknown relation(s) {unknown}; use two letters of q, k, v: {', '.join(RELATION_NAMES)}")
-        if any(w < 0 for w in v.values()):
-            raise ValueError("relation weights must be >= 0")
-        return v
+        return check_relation_weights(v)
 
     @model_validator(mode="after")
     def _something_to_learn(self) -> "EncoderDistillConfig":

@@ -33,6 +33,7 @@ from distillery.lm import data as lmdata
 from distillery.lm import models as lmmodels
 from distillery.lm.config import LMRunConfig, dump_lm_config
 from distillery.lm.generate import generate_batch, prompts_of
+from distillery.lm.evaluate import evaluate_lm, plot_curves
 from distillery.lm.hooks import HookContext
 from distillery.lm.hooks import LMHook as LMHookBase
 from distillery.losses.lm import TOKEN_LOSSES, chunked_token_loss, uld
@@ -218,39 +219,6 @@ def _uld_teacher_batch(teacher, batch: dict, teacher_tok, student_tok) -> dict:
     return {"logits": out.logits, "targets": batch_t["targets"].to(device)}
 
 
-@torch.no_grad()
-def evaluate_lm(student, teacher, loader, device, vocab: int) -> dict[str, float]:
-    """Held-out perplexity of the student (and teacher), next-token agreement (argmax equal)
-    and forward KL(teacher || student), all averaged over scored tokens."""
-    was = student.training
-    student.eval()
-    sums = {"nll": 0.0, "teacher_nll": 0.0, "agree": 0.0, "kl": 0.0}
-    tokens = 0
-    for batch in loader:
-        if "pairs" in batch:  # (chosen, rejected) pairs: the chosen sequences are the held-out text
-            b = int(batch.pop("pairs"))
-            batch = {k: v[:b] for k, v in batch.items()}
-        batch = {k: v.to(device) for k, v in batch.items()}
-        valid = batch["targets"] != lmdata.IGNORE
-        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab].float()
-        s_lp = F.log_softmax(s[valid], -1)
-        tgt = batch["targets"][valid]
-        sums["nll"] += float(-s_lp.gather(-1, tgt[:, None]).sum())
-        if teacher is not None:
-            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :vocab].float()
-            t_lp = F.log_softmax(t[valid], -1)
-            sums["teacher_nll"] += float(-t_lp.gather(-1, tgt[:, None]).sum())
-            sums["agree"] += float((s_lp.argmax(-1) == t_lp.argmax(-1)).sum())
-            sums["kl"] += float((t_lp.exp() * (t_lp - s_lp)).sum())
-        tokens += int(valid.sum())
-    student.train(was)
-    n = max(tokens, 1)
-    out = {"eval_ppl": math.exp(sums["nll"] / n), "eval_tokens": tokens}
-    if teacher is not None:
-        out.update(teacher_ppl=math.exp(sums["teacher_nll"] / n), agreement=sums["agree"] / n, eval_kl=sums["kl"] / n)
-    return out
-
-
 def _cache_for(cfg: LMRunConfig, teacher, teacher_tok, train, run_dir: Path, rebuild: bool, progress: bool):
     from distillery.lm.cache import TokenCache, build_token_cache, data_fingerprint, teacher_fingerprint
 
@@ -362,7 +330,10 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
     ctx = HookContext(raw_student(), teacher, student_tok, train, eval_loader, vocab, device, run_dir, tc.max_steps)
     for hook in hooks:
         hook.setup(ctx)
-    sampler = next((h for h in hooks if type(h).batch_indices is not LMHookBase.batch_indices), None)
+    samplers = [h for h in hooks if type(h).batch_indices is not LMHookBase.batch_indices]
+    if len(samplers) > 1:
+        raise ConfigError(f"hooks {[h.name for h in samplers]} each choose the training rows; only one may")
+    sampler = samplers[0] if samplers else None
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def checkpoint() -> None:
@@ -412,7 +383,9 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                                            temperature=op.temperature, top_k=op.top_k, device=device)
                     batch = {k: v.to(device) for k, v in batch.items()}
                 for hook in hooks:  # e.g. MGSR's revision of the student's own generations
-                    batch = {k: v.to(device) for k, v in hook.transform_batch(step, batch, ctx).items()}
+                    changed = hook.transform_batch(step, batch, ctx)
+                    if changed is not batch:
+                        batch = {k: v.to(device) for k, v in changed.items()}
                 if store is not None:
                     teacher_out = {"sparse": {k: v.to(device) for k, v in
                                               store.batch(batch["index"].tolist(), batch["input_ids"].shape[1]).items()}}
@@ -474,7 +447,7 @@ def distill_lm(cfg: LMRunConfig, *, resume: bool = False, overwrite: bool = Fals
                 fh.write(json.dumps(history[-1]) + "\n")
         _export(raw_student(), student_tok, run_dir)
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        _plot(history, run_dir)
+        plot_curves(history, run_dir)
     accelerator.wait_for_everyone()
     return LMResult(run_dir, summary)
 
@@ -490,26 +463,6 @@ def _export(student, tokenizer, run_dir: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-
-
-def _plot(history: list[dict], run_dir: Path) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].plot([r["step"] for r in history], [r["loss"] for r in history])
-    axes[0].set(xlabel="step", ylabel="training loss", title="loss")
-    evals = [r for r in history if "eval_ppl" in r]
-    if evals:
-        axes[1].plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], marker="o")
-        axes[1].set(xlabel="step", ylabel="held-out perplexity", title="student perplexity")
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=110)
-    plt.close(fig)
 
 
 def build_cache(cfg: LMRunConfig, *, rebuild: bool = False):

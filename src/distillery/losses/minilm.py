@@ -33,6 +33,16 @@ from torch import Tensor
 RELATION_NAMES = ("qq", "qk", "qv", "kq", "kk", "kv", "vq", "vk", "vv")
 
 
+def check_relation_weights(weights: dict[str, float]) -> dict[str, float]:
+    """A config's ``relation_weights``: known two-letter names, weights >= 0 (for validators)."""
+    unknown = sorted(set(weights) - set(RELATION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown relation(s) {unknown}; use two letters of q, k, v: {', '.join(RELATION_NAMES)}")
+    if any(w < 0 for w in weights.values()):
+        raise ValueError("relation weights must be >= 0")
+    return weights
+
+
 def _valid(mask: Tensor | None, batch: int, length: int, device) -> Tensor:
     if mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
