@@ -133,3 +133,13 @@ def test_cli_monitor_oracle_reports_the_hacking_verdict(lm_tiny, tmp_path):
     assert summary["oracle_kl_final"] == pytest.approx(summary["teacher_kl_final"])
     rows = [json.loads(line) for line in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "oracle_kl" in r] == [2, 4]
+
+
+def test_two_hooks_that_choose_rows_are_refused(lm_tiny, tmp_path):
+    from distillery.errors import ConfigError
+    from distillery.lm.trainer import distill_lm
+
+    first, second = OnlyRows([1]), OnlyRows([2])
+    second.name = "other_rows"
+    with pytest.raises(ConfigError, match="each choose the training rows"):
+        distill_lm(cfg_of(lm_tiny, tmp_path, train={"max_steps": 1}), hooks=[first, second])
