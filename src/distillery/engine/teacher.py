@@ -8,6 +8,8 @@ stored view parameters are replayed and the stored answer read.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from distillery.config import AugmentConfig
 from distillery.data.augment import apply_params, sample_params
 from distillery.methods.base import ModelOutput
 from distillery.models import forward_logits
-from distillery.taps import Taps
+from distillery.taps import StopForward, Taps, edits
 
 
 def _seeded(*parts: int) -> torch.Generator:
@@ -31,8 +33,12 @@ def _augmenting(aug: AugmentConfig) -> bool:
 class OnlineTeacher:
     """No teacher (``model is None``: baselines) or a frozen teacher run under inference mode."""
 
-    def __init__(self, model: nn.Module | None, taps: list[str], augment: AugmentConfig, seed: int, image_data: bool):
-        self.model, self.augment, self.seed = model, augment, seed
+    def __init__(self, model: nn.Module | None, taps: list[str], augment: AugmentConfig, seed: int, image_data: bool,
+                 on_batch: bool = True):
+        # on_batch=False: the method runs the teacher itself (``teacher_forward``) on inputs it
+        # makes, so the teacher is not run on the plain batch at all -- its cost is only what the
+        # method asks for.
+        self.model, self.augment, self.seed, self.on_batch = model, augment, seed, on_batch
         self.augmenting = image_data and _augmenting(augment)
         self._taps = Taps(model, taps) if model is not None and taps else None
 
@@ -45,23 +51,40 @@ class OnlineTeacher:
         if self._taps:
             self._taps.__exit__(*exc)
 
-    def outputs(self, x, grad: bool = False) -> ModelOutput | None:
+    def outputs(self, x, grad: bool = False, *, until_taps: bool = False,
+                keep: tuple[str, torch.Tensor] | None = None, replace: dict | None = None) -> ModelOutput | None:
+        """The teacher on ``x``; ``until_taps``: stop once every tap has fired (no logits);
+        ``keep`` / ``replace``: token selection and output substitution, see :func:`distillery.taps.edits`."""
         if self.model is None:
             return None
-        if grad:  # the weights have requires_grad=False: only x receives gradients
-            logits = forward_logits(self.model, x)
-            return ModelOutput(logits, self._taps.collect() if self._taps else {})
-        with torch.inference_mode():
-            logits = forward_logits(self.model, x)
+        if until_taps and not self._taps:
+            raise ValueError("teacher_forward(until_taps=True) needs teacher taps: the method declares none")
+        with ExitStack() as stack:
+            for edit in edits(self.model, keep, replace):
+                stack.enter_context(edit)
+            if not grad:  # the weights have requires_grad=False: with grad, only x receives gradients
+                stack.enter_context(torch.inference_mode())
+            if self._taps:
+                self._taps.clear()
+                self._taps.stop_when_complete = until_taps
+            try:
+                logits = forward_logits(self.model, x)
+            except StopForward:
+                logits = None
+            finally:
+                if self._taps:
+                    self._taps.stop_when_complete = False
             feats = self._taps.collect() if self._taps else {}
+        if grad:
+            return ModelOutput(logits, feats)
         # Inference tensors cannot be saved for backward: clone them out of inference mode.
-        return ModelOutput(logits.clone(), {k: v.clone() for k, v in feats.items()})
+        return ModelOutput(None if logits is None else logits.clone(), {k: v.clone() for k, v in feats.items()})
 
     def batch(self, x, rows: torch.Tensor, step: int, device) -> tuple[object, ModelOutput | None]:
         if self.augmenting:
             x = apply_params(x, sample_params(len(rows), self.augment, _seeded(self.seed, step, 1)), self.augment)
         x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
-        return x, self.outputs(x)
+        return x, (self.outputs(x) if self.on_batch else None)
 
 
 class CachedTeacher:

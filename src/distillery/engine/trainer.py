@@ -378,7 +378,8 @@ def fit(
         teacher = None
     image_data = data.kind == "image"
     source = (CachedTeacher(store, cfg.data.augment, tc.seed, image_data) if store is not None
-              else OnlineTeacher(teacher, method.teacher_taps, cfg.data.augment, tc.seed, image_data))
+              else OnlineTeacher(teacher, method.teacher_taps, cfg.data.augment, tc.seed, image_data,
+                                 on_batch=spec.teacher_on_batch))
     if spec.live_teacher and store is None and teacher is not None:
         object.__setattr__(method, "_teacher_fn", source.outputs)  # a plain reference: not a submodule
 
@@ -390,6 +391,7 @@ def fit(
 
     with ExitStack() as stack:
         s_taps = stack.enter_context(Taps(student, method.student_taps)) if method.student_taps else None
+        object.__setattr__(method, "_student_taps", s_taps)  # for Method.student_forward(features=True)
         stack.enter_context(source)
 
         # Probe batch: lets the method build shape-dependent parts before the optimiser exists.

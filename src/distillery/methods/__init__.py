@@ -24,6 +24,7 @@ class MethodSpec:
     teacher_same_classes: bool = True
     multilabel: bool = False
     live_teacher: bool = False
+    teacher_on_batch: bool = True
 
     def validate_params(self, raw: dict[str, Any] | Params) -> Params:
         if isinstance(raw, Params):
@@ -46,19 +47,25 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(name: str, *, params: type[Params], needs_teacher: bool = True, paper: str = "",
-             teacher_same_classes: bool = True, multilabel: bool = False, live_teacher: bool = False) -> Callable:
+             teacher_same_classes: bool = True, multilabel: bool = False, live_teacher: bool = False,
+             teacher_on_batch: bool = True) -> Callable:
     """``teacher_same_classes=False`` lets the teacher predict a different label set than the
     student (cross-task and novel-class methods); the engine then skips that check.
     ``multilabel=True``: the method also handles multi-label data (float multi-hot targets).
     ``live_teacher=True``: the method calls ``Method.teacher_forward`` on inputs it makes (mixup,
-    learned augmentation, masking), so a teacher cache is refused for it."""
+    learned augmentation, masking), so a teacher cache is refused for it.
+    ``teacher_on_batch=False`` (with ``live_teacher``): the engine does not run the teacher on the
+    training batch (``teacher_out`` is None); the method pays only for the teacher passes it asks
+    for -- e.g. masked inputs run up to the tapped layer."""
+    if not teacher_on_batch and not live_teacher:
+        raise RuntimeError(f"method '{name}': teacher_on_batch=False needs live_teacher=True")
 
     def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY:
             raise RuntimeError(f"method '{name}' registered twice")
         doc = (cls.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = MethodSpec(name, cls, params, needs_teacher, doc[0] if doc else "", paper,
-                                     teacher_same_classes, multilabel, live_teacher)
+                                     teacher_same_classes, multilabel, live_teacher, teacher_on_batch)
         return cls
 
     return deco

@@ -27,7 +27,8 @@ class Params(BaseModel):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    # None only for a teacher run stopped at its last tap (``teacher_forward(until_taps=True)``).
+    logits: torch.Tensor | None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     # The batch the model saw (already augmented): set on the student's output, so that a method
     # can run the student on a second view or train a peer model on the same batch.
@@ -68,24 +69,46 @@ class Method(nn.Module):
         # A plain reference, not a submodule: the student's weights belong to the student.
         object.__setattr__(self, "_student", student)
 
-    def student_forward(self, inputs) -> torch.Tensor:
+    def student_forward(self, inputs, *, features: bool = False, keep: tuple[str, torch.Tensor] | None = None,
+                        replace: dict | None = None):
         """Run the student on other inputs (e.g. a second augmented view) and return its logits;
-        gradients flow into the student as for the main forward."""
+        gradients flow into the student as for the main forward.  ``features=True`` returns a
+        :class:`ModelOutput` with the features at ``student_taps`` of this pass too; ``keep`` /
+        ``replace`` edit the pass as for :meth:`teacher_forward`."""
+        from contextlib import ExitStack
+
         from distillery.models import forward_logits
+        from distillery.taps import edits
 
-        return forward_logits(self._student, inputs)
+        taps = getattr(self, "_student_taps", None)
+        if features and taps is None:
+            raise RuntimeError(f"{type(self).__name__} asked for student features but declares no student_taps")
+        with ExitStack() as stack:
+            for edit in edits(self._student, keep, replace):
+                stack.enter_context(edit)
+            if taps is not None:
+                taps.clear()
+            logits = forward_logits(self._student, inputs)
+        if not features:
+            return logits
+        return ModelOutput(logits, taps.collect(), inputs)
 
-    def teacher_forward(self, inputs, *, grad: bool = False) -> ModelOutput:
+    def teacher_forward(self, inputs, *, grad: bool = False, until_taps: bool = False,
+                        keep: tuple[str, torch.Tensor] | None = None, replace: dict | None = None) -> ModelOutput:
         """Run the (frozen) teacher on other inputs -- a mixed, augmented or masked batch the
         method made -- and return its logits and the features at ``teacher_taps``; no gradient,
         unless ``grad=True``: then gradients flow back into ``inputs`` (the teacher's weights stay
         frozen), for methods that optimise inputs against the teacher (HARD's augmentor).
+        ``until_taps=True`` abandons the pass once every teacher tap has fired (``logits`` is None):
+        the layers after the last tap are never run.  ``keep=(path, index)`` keeps only the tokens at
+        ``index`` (B, K) of ``path``'s input (e.g. ``blocks.0``: the visible patches); ``replace=
+        {path: tensor or fn}`` substitutes a module's output (e.g. a message injected mid-network).
         Only for methods registered with ``live_teacher=True`` (no cache can hold such inputs)."""
         fn = getattr(self, "_teacher_fn", None)
         if fn is None:
             raise RuntimeError(f"{type(self).__name__} called teacher_forward but no live teacher is attached: "
                                "register the method with live_teacher=True and give the run a teacher")
-        return fn(inputs, grad=grad)
+        return fn(inputs, grad=grad, until_taps=until_taps, keep=keep, replace=replace)
 
     def log_values(self) -> dict[str, float]:
         """State worth watching that is not a loss term (e.g. TAID's t): the engine writes it into
