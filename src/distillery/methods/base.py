@@ -108,7 +108,9 @@ class Method(nn.Module):
         if fn is None:
             raise RuntimeError(f"{type(self).__name__} called teacher_forward but no live teacher is attached: "
                                "register the method with live_teacher=True and give the run a teacher")
-        return fn(inputs, grad=grad, until_taps=until_taps, keep=keep, replace=replace)
+        # Only the edits asked for are passed on, so a plain call stays fn(inputs, grad=...).
+        extra = {k: v for k, v in (("until_taps", until_taps), ("keep", keep), ("replace", replace)) if v}
+        return fn(inputs, grad=grad, **extra)
 
     def log_values(self) -> dict[str, float]:
         """State worth watching that is not a loss term (e.g. TAID's t): the engine writes it into
