@@ -129,3 +129,85 @@ def test_inspect_cli(tmp_path, teacher_run):
     no_teacher.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "teacher"} | {"method": {"name": "ce"}}))
     r = CliRunner().invoke(app, ["inspect", str(no_teacher)])
     assert r.exit_code == 2 and "teacher" in r.output
+
+
+def _write_map(path, rows):
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def test_pairs_read_off_a_cka_map_keep_the_best_matches_in_student_order(tmp_path):
+    from distillery.methods.align import pairs_from_cka
+    from distillery.models import build_model
+    from distillery.config import ModelSpec
+
+    mlp = build_model(ModelSpec(arch="mlp", kwargs={"hidden": [8, 8, 8]}), in_channels=1, num_classes=10, input_size=(8, 8))
+    path = _write_map(tmp_path / "cka.csv", [["student_layer", "t1", "t2", "t3"],
+                                             ["layers.0", "0.9", "0.2", "nan"],
+                                             ["layers.1", "0.1", "0.3", "0.5"],
+                                             ["layers.2", "0.2", "0.95", "0.4"]])
+    assert pairs_from_cka(path, mlp, 1) == [("layers.2", "t2")]
+    assert pairs_from_cka(path, mlp, 2) == [("layers.0", "t1"), ("layers.2", "t2")]
+    assert pairs_from_cka(path, mlp, 5) == [("layers.0", "t1"), ("layers.1", "t3"), ("layers.2", "t2")]
+    other = _write_map(tmp_path / "other.csv", [["student_layer", "t1"], ["blocks.3", "0.5"]])
+    with pytest.raises(ValueError, match="another student"):
+        pairs_from_cka(other, mlp, 1)
+    junk = tmp_path / "junk.csv"
+    junk.write_text("hello,world\n1,2\n")
+    with pytest.raises(ValueError, match="not a CKA map"):
+        pairs_from_cka(junk, mlp, 1)
+    with pytest.raises(ValueError, match="no CKA map"):
+        pairs_from_cka(tmp_path / "missing.csv", mlp, 1)
+
+
+def test_pairs_text_is_validated():
+    from distillery.methods import get_spec
+
+    spec = get_spec("fitnets")
+    assert spec.validate_params({"pairs": "auto-cka"}).pairs == "auto-cka"
+    with pytest.raises(ValueError, match="auto-cka"):
+        spec.validate_params({"pairs": "deepest"})
+
+
+def test_auto_cka_pairs_are_chosen_from_the_inspect_map_and_a_run_uses_them(tmp_path, teacher_run):
+    import yaml
+    from typer.testing import CliRunner
+
+    from distillery.cli import app
+    from distillery.engine import fit
+    from distillery.inspect import resolve_auto_pairs
+
+    cfg = tiny_cfg(tmp_path, name="fit-auto", teacher={"run": str(teacher_run.run_dir)},
+                   student={"arch": "mlp", "kwargs": {"hidden": [32, 16]}},
+                   method={"name": "fitnets", "params": {"pairs": "auto-cka", "n_pairs": 1}},
+                   train={"epochs": 1, "progress": False, "report": False})
+    with pytest.raises(Exception, match="resolved before training"):
+        fit(cfg)
+    resolved = resolve_auto_pairs(cfg)
+    csv_path = tmp_path / "runs" / "fit-auto-inspect" / "cka.csv"
+    assert resolved.method.params["pairs"] == f"cka:{csv_path}"
+    rows = list(csv.reader(csv_path.open()))
+    teacher_layers = rows[0][1:]
+    best = max(((float(v), r[0], teacher_layers[j]) for r in rows[1:] for j, v in enumerate(r[1:])))
+    from distillery.methods import get_spec
+    from distillery.models import build_model
+
+    student = build_model(cfg.student, in_channels=1, num_classes=10, input_size=(8, 8))
+    spec = get_spec("fitnets")
+    method = spec.cls(spec.validate_params(resolved.method.params), student=student, teacher_layers=None, num_classes=10)
+    assert method.pairs == [(best[1], best[2])]
+    # Through the CLI: the run directory's config names the map it used.
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "cli-auto", "output_dir": str(tmp_path / "runs"),
+                                    "data": {"name": "digits", "batch_size": 32},
+                                    "teacher": {"run": str(teacher_run.run_dir)},
+                                    "student": {"arch": "mlp", "kwargs": {"hidden": [32, 16]}},
+                                    "method": {"name": "fitnets", "params": {"pairs": "auto-cka"}},
+                                    "train": {"epochs": 1, "progress": False, "report": False}}))
+    r = CliRunner().invoke(app, ["distill", str(path)])
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((tmp_path / "runs" / "cli-auto" / "config.yaml").read_text())
+    assert saved["method"]["params"]["pairs"] == f"cka:{tmp_path / 'runs' / 'cli-auto-inspect' / 'cka.csv'}"

@@ -65,6 +65,10 @@ def _run(config: Path, overrides, resume: bool, overwrite: bool, need_teacher: b
         raise ConfigError(f"{config}: `distillery distill` needs a `teacher:` section (use `distillery train` for a from-scratch run)")
     if need_teacher is False and spec.needs_teacher:
         raise ConfigError(f"{config}: method '{cfg.method.name}' distils from a teacher; run it with `distillery distill`")
+    if need_teacher:  # pairs: auto-cka -> pairs read off a CKA map made now (distillery inspect)
+        from distillery.inspect import resolve_auto_pairs
+
+        cfg = resolve_auto_pairs(cfg)
     result = fit(cfg, resume=resume, overwrite=overwrite, rebuild_cache=rebuild_cache)
     _print_summary(result.summary, result.run_dir)
 

@@ -200,3 +200,18 @@ def inspect_config(cfg, *, out_dir: Path | None = None, samples: int = 512, spli
     heatmap(cka, s_layers, t_layers, res.png, title=f"linear CKA, {cfg.name} ({n} {split} samples)")
     _write_tables(cka, s_layers, t_layers, res.best(), out, n)
     return res
+
+
+def resolve_auto_pairs(cfg, *, data=None):
+    """``method.params.pairs: auto-cka`` -> compute the CKA map now (as ``distillery inspect`` does,
+    into ``<output_dir>/<name>-inspect``) and return the config with ``pairs: cka:<that cka.csv>``,
+    so the run pairs each student layer with the teacher layer it resembles most.  Any other
+    config is returned as is.  Deterministic (seeded rows, the run's student initialisation), so a
+    resumed run resolves to the same pairs."""
+    from distillery.methods.align import AUTO_CKA, CKA_PREFIX
+
+    if cfg.method.params.get("pairs") != AUTO_CKA:
+        return cfg
+    res = inspect_config(cfg)
+    params = {**cfg.method.params, "pairs": f"{CKA_PREFIX}{res.csv}"}
+    return cfg.model_copy(update={"method": cfg.method.model_copy(update={"params": params})})

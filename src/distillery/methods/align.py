@@ -11,6 +11,8 @@ families and widths (CNN -> MLP, CNN -> ViT, ...).  The rules, in order:
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,9 +79,73 @@ def default_pairs(student: nn.Module, teacher_layers: list[str] | None, n: int =
     return list(zip(s_layers[-n:], t_layers[-n:]))
 
 
+AUTO_CKA = "auto-cka"
+CKA_PREFIX = "cka:"
+
+
+def check_pairs_text(value):
+    """Validator of a ``pairs`` field given as text: ``auto-cka`` or ``cka:<path to cka.csv>``."""
+    if isinstance(value, str) and value != AUTO_CKA and not value.startswith(CKA_PREFIX):
+        raise ValueError(f"pairs as text must be '{AUTO_CKA}' (choose from a CKA map computed at the start of the run) "
+                         f"or '{CKA_PREFIX}PATH' (the cka.csv written by `distillery inspect`), got {value!r}")
+    return value
+
+
+def pairs_from_cka(path: str | Path, student: nn.Module, n: int) -> list[tuple[str, str]]:
+    """Layer pairs read off a CKA map written by ``distillery inspect`` (``cka.csv``: rows = student
+    layers, columns = teacher layers): each student layer is paired with the teacher layer it
+    resembles most, and the ``n`` pairs of highest CKA are kept, in the student's layer order.
+    This is the diagnostic OFA-KD (Hao et al. 2023, Fig. 1) builds on: pair what is alike."""
+    import csv
+    import math
+
+    from distillery.taps import resolve
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"pairs: no CKA map at {path}; write one with `distillery inspect CONFIG` (it saves cka.csv) "
+                         f"or use pairs: {AUTO_CKA}")
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        header, body = rows[0], rows[1:]
+        if header[0] != "student_layer" or len(header) < 2 or not body:
+            raise ValueError("not a cka.csv")
+        teacher_layers = header[1:]
+        table = {r[0]: [float(v) for v in r[1:]] for r in body}
+        if any(len(v) != len(teacher_layers) for v in table.values()):
+            raise ValueError("ragged rows")
+    except (ValueError, IndexError, OSError) as err:
+        raise ValueError(f"pairs: {path} is not a CKA map written by `distillery inspect` ({err}); "
+                         "re-run `distillery inspect CONFIG`") from None
+    for s_layer in table:
+        try:
+            resolve(student, s_layer)
+        except Exception:
+            raise ValueError(f"pairs: the CKA map {path} names student layer '{s_layer}', which this student does "
+                             "not have -- the map was made for another student; re-run `distillery inspect`") from None
+    best = []
+    for order, (s_layer, values) in enumerate(table.items()):
+        scored = [(v, t) for v, t in zip(values, teacher_layers) if not math.isnan(v)]
+        if scored:
+            value, t_layer = max(scored)
+            best.append((value, order, s_layer, t_layer))
+    if not best:
+        raise ValueError(f"pairs: every CKA value in {path} is NaN (constant features); tap other layers")
+    kept = sorted(sorted(best, reverse=True)[:n], key=lambda b: b[1])
+    return [(s_layer, t_layer) for _, _, s_layer, t_layer in kept]
+
+
 def resolve_pairs(params, student, teacher_layers) -> list[tuple[str, str]]:
-    """(student, teacher) layer pairs of a feature/relation method: ``params.pairs`` when given,
-    else the ``params.n_pairs`` deepest stages paired automatically (:func:`default_pairs`)."""
+    """(student, teacher) layer pairs of a feature/relation method: ``params.pairs`` when given
+    (a list, or ``cka:PATH`` read off an inspect map), else the ``params.n_pairs`` deepest stages
+    paired automatically (:func:`default_pairs`)."""
+    if isinstance(params.pairs, str):
+        if params.pairs == AUTO_CKA:
+            raise ValueError(f"pairs: {AUTO_CKA} is resolved before training by `distillery distill` (or "
+                             "distillery.inspect.resolve_auto_pairs(cfg) in Python); with engine.fit directly, run "
+                             f"`distillery inspect` first and give pairs: {CKA_PREFIX}<its cka.csv>")
+        return pairs_from_cka(params.pairs[len(CKA_PREFIX):], student, params.n_pairs)
     if params.pairs:
         return [(p.student, p.teacher) for p in params.pairs]
     return default_pairs(student, teacher_layers, params.n_pairs)

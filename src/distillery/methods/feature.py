@@ -2,14 +2,16 @@
 forward hooks (:mod:`distillery.taps`), through automatic projectors when shapes differ."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
 from distillery.losses import features as FL
 from distillery.losses import logits as L
 from distillery.methods import register
-from distillery.methods.align import Align, resolve_pairs
+from distillery.methods.align import Align, check_pairs_text, resolve_pairs
 from distillery.methods.base import Method, ModelOutput, Params
 
 
@@ -20,7 +22,9 @@ class LayerPair(BaseModel):
 
 
 class FeatureParams(Params):
-    pairs: list[LayerPair] | None = Field(None, description="Layer pairs; default: the deepest stage(s) of zoo models.")
+    pairs: Annotated[list[LayerPair] | str | None, AfterValidator(check_pairs_text)] = Field(
+        None, description="Layer pairs: a list, 'auto-cka' (from a CKA map made at the start), 'cka:PATH' "
+                          "(a `distillery inspect` cka.csv); default: the deepest stage(s) of zoo models.")
     n_pairs: int = Field(1, ge=1, description="With automatic pairing: how many of the deepest stages to pair.")
     feature_weight: float = Field(100.0, ge=0, description="Weight of the feature loss.")
     ce_weight: float = Field(1.0, ge=0)
