@@ -30,7 +30,13 @@ HERE = Path(__file__).resolve().parent
 PAIRS = {  # name -> (student spec, family note)
     "CNN w32 -> CNN w16 (same family)": {"arch": "cnn", "kwargs": {"width": 16}},
     "CNN w32 -> MLP 784-128-10 (cross family)": {"arch": "mlp", "kwargs": {"hidden": [128]}},
+    "CNN w32 -> ViT tiny (cross family)": {"arch": "vit_tiny", "kwargs": {"dim": 64, "depth": 4, "heads": 4, "patch_size": 4}},
 }
+# Pairs run for some methods only: the ViT student is for the token-based methods (and the
+# baselines and heterogeneous-architecture methods they are compared with), not for every row.
+ONLY = {"CNN w32 -> ViT tiny (cross family)": {"ce", "kd", "fitnets", "ofa", "trg", "masked_kd"}}
+# Methods that need a token or spatial student feature: not run with the MLP student.
+NO_MLP = {"at", "trg"}
 # Per-method parameters for this benchmark (the registry defaults otherwise).
 PARAMS = {
     "kd": {"temperature": 4.0, "alpha": 0.9},
@@ -84,7 +90,7 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=HERE / "runs" / "fmnist")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "fmnist_classification.md")
     ap.add_argument("--skip", nargs="*", default=[], help="registered methods to leave out of this run (named in the table)")
-    ap.add_argument("--finished-only", nargs="*", default=[], choices=["same", "cross"],
+    ap.add_argument("--finished-only", nargs="*", default=[], choices=["same", "cross", "vit"],
                     help="for these pairs, report only runs already finished on disk (train nothing new)")
     args = ap.parse_args()
     if args.quick:
@@ -106,14 +112,16 @@ def main() -> None:
         for name, spec in methods.items():
             if name.endswith("_for_test") or name in ELSEWHERE or name in args.skip:
                 continue
-            if name == "at" and student["arch"] == "mlp":
-                continue  # attention maps need a spatial student feature
+            if name in NO_MLP and student["arch"] == "mlp":
+                continue  # attention maps / token graphs need a spatial or token student feature
+            if pair in ONLY and name not in ONLY[pair]:
+                continue
             for seed in range(args.seeds):
                 raw = {"name": f"{student['arch']}-{name}-s{seed}", "data": data, "student": student,
                        "method": {"name": name, "params": PARAMS.get(name, {})}, "train": {**train, "seed": seed}}
                 if spec.needs_teacher:
                     raw["teacher"] = {"run": teacher_dir}
-                if ("same" if "same family" in pair else "cross") in args.finished_only:
+                if ("same" if "same family" in pair else "vit" if "ViT" in pair else "cross") in args.finished_only:
                     cfg = config_from_dict({**raw, "output_dir": str(args.runs)})
                     if not (cfg.run_dir / "summary.json").is_file():
                         unrun.add(f"{name} ({pair.split(' (')[0]})")
@@ -143,6 +151,9 @@ def main() -> None:
         f"constant LR, no augmentation, {args.seeds} seed(s); teacher run online (not cached). Test = the official 10k test set.",
         "- Method parameters: registry defaults except " + ", ".join(f"{k}: {v}" for k, v in PARAMS.items()) + ".",
         "- Epoch time = wall time of one training epoch of the student (teacher forward included).",
+        "- The ViT student (vit_tiny dim 64, depth 4, 4 heads, 4x4 patches) is run for the token-based methods and their "
+        "comparisons only: " + ", ".join(sorted(ONLY["CNN w32 -> ViT tiny (cross family)"])) + ". "
+        "Not run with the MLP student (need a spatial or token feature): " + ", ".join(sorted(NO_MLP)) + ".",
         "",
         "- Teacher-free methods (teacher column: no) never see the CNN w32 teacher. `selfdistill` = round 0 on labels, "
         "then one round distilled from round 0 with the estimated label weight alpha (its epoch time covers all three "
