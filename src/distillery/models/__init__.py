@@ -20,7 +20,7 @@ from torch import nn
 
 from distillery.config import ModelSpec
 from distillery.errors import ModelError
-from distillery.models import adapters, zoo
+from distillery.models import adapters, moe, zoo  # noqa: F401  (moe registers vit_moe)
 from distillery.models.zoo import available_models, register_model
 
 __all__ = [
