@@ -77,10 +77,12 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     table = Table(title=f"{summary.get('name')} ({summary.get('method')}) -> {run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("test_accuracy", "teacher_test_accuracy", "params", "teacher_params", "wall_seconds", "train_samples_per_second"):
+    for key in ("test_accuracy", "teacher_test_accuracy", "test_rmse", "test_r2", "teacher_test_rmse", "params",
+                "teacher_params", "wall_seconds", "train_samples_per_second"):
         if key in summary and summary[key] is not None:
             v = summary[key]
-            table.add_row(key, f"{100 * v:.2f}%" if "accuracy" in key else f"{v:,.1f}" if isinstance(v, float) else f"{v:,}")
+            table.add_row(key, f"{100 * v:.2f}%" if "accuracy" in key else f"{v:.4g}" if key.endswith(("rmse", "r2"))
+                          else f"{v:,.1f}" if isinstance(v, float) else f"{v:,}")
     console.print(table)
 
 
@@ -228,6 +230,7 @@ def eval_(target: Path = typer.Argument(..., help="A run directory, or the confi
     model = build_model(spec, in_channels=data.in_channels, num_classes=data.num_classes, input_size=data.input_size)
     res = evaluate(model, getattr(data, split), "cpu", cfg.data.eval_batch_size)
     out = {"run": str(run_dir), "split": split, "accuracy": res["accuracy"], "loss": res["loss"], "params": count_parameters(model)}
+    out.update({k: res[k] for k in ("rmse", "mae", "r2") if k in res})  # regression runs (accuracy is None)
     console.print_json(json.dumps(out))
 
 

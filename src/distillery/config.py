@@ -26,6 +26,19 @@ class AugmentConfig(_Strict):
     flip: bool = Field(False, description="Random horizontal flip with probability 0.5.")
 
 
+#: Data sources whose targets are continuous (see distillery.data.regression).
+REGRESSION_DATA = ("diabetes", "fmnist_landmarks")
+
+
+class SoftTargetsConfig(_Strict):
+    """Soft regression targets as an Active Shape Model makes them (Cootes et al. 1995): each
+    training target vector projected on the top principal components of all training targets."""
+
+    pca_components: int = Field(..., ge=1, description="Principal components kept (fewer = smoother targets).")
+    clip: float | None = Field(3.0, gt=0, description="Clip each shape parameter b_i to +-clip*sqrt(lambda_i) "
+                                                      "(the ASM constraint; null: plain projection).")
+
+
 class DataConfig(_Strict):
     """Where the data comes from and how it is split.
 
@@ -40,9 +53,13 @@ class DataConfig(_Strict):
       ``feature_columns`` (default: all others) the numeric inputs.
     * ``hf`` -- a Hugging Face ``datasets`` dataset: a Hub id or a local directory/file in
       ``path``; ``input_column`` (image or text) and ``label_column``.
+    * ``diabetes`` -- regression: scikit-learn's diabetes table (442 x 10, one target; offline).
+    * ``fmnist_landmarks`` -- regression: Fashion-MNIST garments placed at a seeded offset and
+      scale on a larger canvas (``image_size``, default 40), targets the ink's bounding box and
+      centroid (6 coordinates in [0, 1]); reads the same IDX files as ``fashion_mnist``.
     """
 
-    name: Literal["fashion_mnist", "digits", "image_folder", "table", "hf"] = "fashion_mnist"
+    name: Literal["fashion_mnist", "digits", "image_folder", "table", "hf", "diabetes", "fmnist_landmarks"] = "fashion_mnist"
     path: str | None = None
     download: bool = False
     label_column: str = "label"
@@ -62,6 +79,10 @@ class DataConfig(_Strict):
         None, ge=2, le=4,
         description="Make a multi-label image task: every sample becomes a g x g mosaic of images of its split, "
                     "labelled with the classes that appear (multi-hot), e.g. 2 for 2x2 Fashion-MNIST mosaics.")
+    soft_targets: SoftTargetsConfig | None = Field(
+        None, description="Regression only: train on ASM-smoothed targets (projection of the training targets on "
+                          "their top principal components), e.g. for the tolerant teacher of tough_tolerant; "
+                          "validation and test targets stay the ground truth.")
     split_seed: int = Field(0, description="Seed of the deterministic train/val/test split.")
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(512, gt=0)
@@ -232,6 +253,14 @@ class RunConfig(_Strict):
                              "(mixed, augmented or masked), which no cache holds: remove teacher.cache")
         if spec.needs_teacher and self.teacher is None:
             raise ValueError(f"method '{self.method.name}' needs a teacher: add a `teacher:` section")
+        if spec.num_teachers is not None and self.teacher is not None and len(self.teacher.sources) != spec.num_teachers:
+            raise ValueError(f"method '{self.method.name}' distils from exactly {spec.num_teachers} teachers but the config "
+                             f"gives {len(self.teacher.sources)}; list them in order, e.g. `teacher: [{{run: A}}, {{run: B}}]` "
+                             f"(the method's documentation says which is which)")
+        if (self.data.name in REGRESSION_DATA and self.teacher is not None and self.teacher.ensemble is not None
+                and self.teacher.combine == "mean_probs"):
+            raise ValueError("teacher.combine: mean_probs averages class probabilities, which regression outputs are not; "
+                             "set teacher.combine: mean_logits (the members' mean prediction)")
         return self
 
 

@@ -54,13 +54,18 @@ class Split:
 
     ``inputs`` is a float32 tensor (images ``(N, C, H, W)``, tables ``(N, F)``) or, for
     text, a dict of ``(N, L)`` token tensors (``input_ids``, ``attention_mask`` ...).
-    ``labels`` is int64 ``(N,)``, or float multi-hot ``(N, C)`` for a multi-label task.  ``index`` holds each row's position in the source split
+    ``labels`` is int64 ``(N,)``, float multi-hot ``(N, C)`` for a multi-label task, or
+    standardised float targets ``(N, K)`` for a regression task.  ``index`` holds each row's position in the source split
     it was drawn from (the official train or test set), which makes splits easy to audit.
     """
 
     inputs: torch.Tensor | dict[str, torch.Tensor]
     labels: torch.Tensor
     index: torch.Tensor | None = None
+    # Regression only: labels are standardised float targets (N, K); a prediction ``p`` is
+    # ``p * target_std + target_mean`` in the data's own units (metrics are reported in those).
+    target_mean: torch.Tensor | None = None
+    target_std: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -71,7 +76,8 @@ class Split:
             inputs = {k: v[index] for k, v in self.inputs.items()}
         else:
             inputs = self.inputs[index]
-        return Split(inputs, self.labels[index], None if self.index is None else self.index[index])
+        return Split(inputs, self.labels[index], None if self.index is None else self.index[index],
+                     self.target_mean, self.target_std)
 
 
 @dataclass
@@ -99,8 +105,10 @@ class DataBundle:
     mean: list[float] | None = None
     std: list[float] | None = None
     feature_names: list[str] | None = field(default=None, repr=False)
-    # "multilabel": labels are float multi-hot (N, num_classes) rather than class ids (N,)
-    task: Literal["multiclass", "multilabel"] = "multiclass"
+    # "multilabel": labels are float multi-hot (N, num_classes) rather than class ids (N,);
+    # "regression": labels are standardised float targets (N, num_classes), num_classes is the
+    # output dimension K and class_names name the targets (see distillery.data.regression)
+    task: Literal["multiclass", "multilabel", "regression"] = "multiclass"
 
     def describe(self) -> str:
         """One line for logs, e.g. ``image 1x28x28, 10 classes: 54000 train / 6000 val / 10000 test``."""
@@ -110,8 +118,9 @@ class DataBundle:
             shape = f"{self.input_size[0]} features" if self.input_size else ""
         else:
             shape = f"{self.train.inputs['input_ids'].shape[1]} tokens" if isinstance(self.train.inputs, dict) else ""
+        outputs = f"{self.num_classes} regression targets" if self.task == "regression" else f"{self.num_classes} classes"
         return (
-            f"{self.kind} {shape}, {self.num_classes} classes: {len(self.train)} train / "
+            f"{self.kind} {shape}, {outputs}: {len(self.train)} train / "
             f"{len(self.val)} val / {len(self.test)} test from {self.source}"
         )
 
@@ -305,6 +314,13 @@ def load_data(cfg: DataConfig) -> DataBundle:
     the user can cause: a missing path or file, a corrupt file, a wrong column, labels
     that don't fit, a class left without training samples, augmentation on non-images.
     """
+    from distillery.data.regression import REGRESSION_SOURCES, load_regression
+
+    if cfg.name in REGRESSION_SOURCES:  # float targets: no classes to check or stratify by
+        return load_regression(cfg)
+    if cfg.soft_targets is not None:
+        raise DataError(f"data.soft_targets smooths regression targets, but {cfg.name} is a classification source; "
+                        f"remove data.soft_targets or use one of {', '.join(REGRESSION_SOURCES)}")
     raw = load_source(cfg)
     if raw.kind != "image" and (cfg.augment.pad_crop > 0 or cfg.augment.flip):
         raise DataError(

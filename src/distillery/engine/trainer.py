@@ -167,16 +167,26 @@ def evaluate(model: nn.Module, split: Split, device, batch_size: int = 512) -> d
 
     Multi-label splits (float multi-hot labels): ``accuracy`` is the exact-match (subset)
     accuracy, ``loss`` the mean binary cross-entropy per label, plus mAP and F1
-    (:func:`distillery.report.metrics.multilabel_metrics`)."""
+    (:func:`distillery.report.metrics.multilabel_metrics`).
+
+    Regression splits (standardised float targets, ``split.target_std`` set): ``accuracy`` is
+    ``None`` (there are no classes), ``loss`` the mean squared error in standardised units (what
+    training minimises), plus RMSE, MAE and R^2 in the data's own units
+    (:func:`distillery.report.metrics.regression_metrics`)."""
     was_training = model.training
     model.eval()
     correct, loss, n = 0, 0.0, len(split)
-    multilabel = split.labels.dim() == 2
+    regression = split.target_std is not None
+    multilabel = split.labels.dim() == 2 and not regression
     all_logits = []
     for start in range(0, n, batch_size):
         x, y = _rows(split, torch.arange(start, min(start + batch_size, n)))
         logits = forward_logits(model, _move(x, device)).float()
         y = y.to(device)
+        if regression:
+            all_logits.append(logits.cpu())
+            loss += nn.functional.mse_loss(logits, y, reduction="sum").item() / y.shape[1]
+            continue
         if multilabel:
             all_logits.append(logits.cpu())
             loss += nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / y.shape[1]
@@ -184,6 +194,12 @@ def evaluate(model: nn.Module, split: Split, device, batch_size: int = 512) -> d
         correct += (logits.argmax(-1) == y).sum().item()
         loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
     model.train(was_training)
+    if regression:
+        from distillery.report.metrics import regression_metrics
+
+        preds = torch.cat(all_logits) if all_logits else torch.zeros(0, split.labels.shape[1])
+        return {"accuracy": None, "loss": loss / max(1, n),
+                **regression_metrics(preds, split.labels, split.target_mean, split.target_std)}
     if multilabel:
         from distillery.report.metrics import multilabel_metrics
 
@@ -361,6 +377,14 @@ def fit(
         able = ", ".join(n for n, sp in method_registry.available().items() if sp.multilabel and not n.endswith("_for_test"))
         raise DistilleryError(f"method '{spec.name}' is for single-label classification but the data is multi-label "
                               f"(data.mosaic); methods with a multi-label form: {able}")
+    if data.task == "regression" and not spec.regression:
+        able = ", ".join(n for n, sp in method_registry.available().items() if sp.regression and not n.endswith("_for_test"))
+        raise DistilleryError(f"method '{spec.name}' is for classification but {cfg.data.name} is a regression task "
+                              f"(continuous targets); methods with a regression form: {able}")
+    if data.task != "regression" and not spec.classification:
+        raise DistilleryError(f"method '{spec.name}' is for regression (continuous targets) but {cfg.data.name} is a "
+                              "classification task; use a classification method (e.g. ce, kd) or a regression source "
+                              "(data.name: diabetes or fmnist_landmarks)")
     try:
         method = spec.cls(spec.validate_params(cfg.method.params), student=student, teacher_layers=teacher_layers,
                           num_classes=data.num_classes)
@@ -484,6 +508,7 @@ def fit(
                         val = evaluate(raw.student, data.val, device, cfg.data.eval_batch_size) if len(data.val) else {}
                         val_acc = val.get("accuracy", float("nan"))
                         row.update({"val_accuracy": val.get("accuracy"), "val_loss": val.get("loss")})
+                        row.update({f"val_{k}": val[k] for k in ("rmse", "mae", "r2") if k in val})  # regression
                     row.update({f"method_{k}": float(v) for k, v in raw.method.log_values().items()})
                     if teacher_acc is not None:
                         row["teacher_test_accuracy"] = teacher_acc
@@ -537,6 +562,12 @@ def fit(
     if spec.needs_teacher:
         summary.update({"teacher_test_accuracy": teacher_acc, "teacher_params": teacher_params,
                         "teacher_source": "cache" if store is not None else "online"})
+    if data.task == "regression":  # no classes: RMSE / MAE / R^2 (test_*) replace the accuracies
+        for key in ("test_accuracy", "val_accuracy", "teacher_test_accuracy"):
+            summary.pop(key, None)
+        if spec.needs_teacher and teacher is not None:
+            t = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)
+            summary.update({"teacher_test_rmse": t["rmse"], "teacher_test_r2": t["r2"]})
     if main:
         from safetensors.torch import save_model
 

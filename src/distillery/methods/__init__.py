@@ -25,6 +25,9 @@ class MethodSpec:
     multilabel: bool = False
     live_teacher: bool = False
     teacher_on_batch: bool = True
+    regression: bool = False
+    classification: bool = True
+    num_teachers: int | None = None
 
     def validate_params(self, raw: dict[str, Any] | Params) -> Params:
         if isinstance(raw, Params):
@@ -48,7 +51,8 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 def register(name: str, *, params: type[Params], needs_teacher: bool = True, paper: str = "",
              teacher_same_classes: bool = True, multilabel: bool = False, live_teacher: bool = False,
-             teacher_on_batch: bool = True) -> Callable:
+             teacher_on_batch: bool = True, regression: bool = False, classification: bool = True,
+             num_teachers: int | None = None) -> Callable:
     """``teacher_same_classes=False`` lets the teacher predict a different label set than the
     student (cross-task and novel-class methods); the engine then skips that check.
     ``multilabel=True``: the method also handles multi-label data (float multi-hot targets).
@@ -56,7 +60,11 @@ def register(name: str, *, params: type[Params], needs_teacher: bool = True, pap
     learned augmentation, masking), so a teacher cache is refused for it.
     ``teacher_on_batch=False`` (with ``live_teacher``): the engine does not run the teacher on the
     training batch (``teacher_out`` is None); the method pays only for the teacher passes it asks
-    for -- e.g. masked inputs run up to the tapped layer."""
+    for -- e.g. masked inputs run up to the tapped layer.
+    ``regression=True``: the method also handles regression data (standardised float targets
+    ``(N, K)``, outputs compared in that space); ``classification=False``: it handles nothing else.
+    ``num_teachers=n``: the method distils from exactly ``n`` teachers (``teacher: [...]``, an
+    ensemble whose members it taps one by one); the config is refused otherwise."""
     if not teacher_on_batch and not live_teacher:
         raise RuntimeError(f"method '{name}': teacher_on_batch=False needs live_teacher=True")
 
@@ -65,7 +73,9 @@ def register(name: str, *, params: type[Params], needs_teacher: bool = True, pap
             raise RuntimeError(f"method '{name}' registered twice")
         doc = (cls.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = MethodSpec(name, cls, params, needs_teacher, doc[0] if doc else "", paper,
-                                     teacher_same_classes, multilabel, live_teacher, teacher_on_batch)
+                                     teacher_same_classes, multilabel, live_teacher, teacher_on_batch,
+                                     regression=regression, classification=classification,
+                                     num_teachers=num_teachers)
         return cls
 
     return deco

@@ -75,6 +75,11 @@ class _Model:
 # Formatting
 
 
+def _num(v) -> str:
+    """A regression metric: 4 significant digits, or a dash when missing."""
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
 def _pct(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
@@ -191,6 +196,19 @@ def _test_logits(m: _Model, data: DataBundle, batch_size: int) -> torch.Tensor:
 def _evaluate(m: _Model, data: DataBundle, teacher_logits: torch.Tensor | None, batch_size: int) -> None:
     m.logits = _test_logits(m, data, batch_size)
     labels = data.test.labels
+    if data.task == "regression":  # RMSE / MAE / R^2 in the data's units; "agreement" = RMSE to the teacher
+        mean, std = data.test.target_mean, data.test.target_std
+        r = M.regression_metrics(m.logits, labels, mean, std)
+        m.stats.update({
+            "test_accuracy": None, "test_rmse": r["rmse"], "test_mae": r["mae"], "test_r2": r["r2"],
+            "rmse_per_output": r["rmse_per_output"], "r2_per_output": r["r2_per_output"],
+            "rmse_to_teacher": (M.regression_metrics(m.logits, teacher_logits, mean, std)["rmse"]
+                                if teacher_logits is not None and m.role != "teacher" else None),
+            "agreement_with_teacher": None, "ece": None, "params": count_parameters(m.module),
+            "macs": M.count_macs(m.module, M.take_rows(data.test, 1)), "size_bytes": M.file_size(m.weights),
+            "confusion": None, "per_class_accuracy": None,
+        })
+        return
     if labels.dim() == 2:  # multi-label: mAP, F1 per label; "accuracy" = exact match
         ml = M.multilabel_metrics(m.logits, labels)
         m.stats.update({
@@ -354,6 +372,10 @@ def write_report(
     if recorded is not None and abs(recorded - student.stats["test_accuracy"]) > 1e-6:
         notes.append(f"The recomputed test accuracy ({_pct(student.stats['test_accuracy'])}%) differs from summary.json "
                      f"({_pct(recorded)}%): the data, the code or the hardware differ from training.")
+    recorded = finite(run.summary.get("test_rmse"))
+    if recorded is not None and abs(recorded - student.stats["test_rmse"]) > 1e-6 * max(1.0, abs(recorded)):
+        notes.append(f"The recomputed test RMSE ({_num(student.stats['test_rmse'])}) differs from summary.json "
+                     f"({_num(recorded)}): the data, the code or the hardware differ from training.")
 
     timing = {"warmup": 5, "repeats": latency_repeats, "throughput_repeats": throughput_repeats, "threads": threads}
     if measure_latency:
@@ -366,6 +388,8 @@ def write_report(
     out_plots.mkdir(exist_ok=True)
     exports = _exports(run.dir)
     # Before the document: the Pareto view may add notes, which go at the top of the report.
+    # The Pareto view ranks runs by accuracy, which a regression run has not.
+    pareto = pareto and data.task != "regression"
     pareto_view = _pareto_points(run, models, data, measure=measure_latency, timing=timing, notes=notes) if pareto else None
     doc = _document(run, base, data, models, exports, notes, out_plots, pareto_view, timing)
 
@@ -403,10 +427,20 @@ def _document(run: Run, base: Run | None, data: DataBundle, models: list[_Model]
         columns.append((label, {"test_accuracy": e.get("test_accuracy"), "size_bytes": e.get("size_bytes"),
                                 "agreement_with_teacher": None, **(e.get("latency") or {})}))
     t = teacher.stats if teacher is not None else {}
-    measures = [
+    quality = [
         ("test accuracy (%)", lambda s: _pct(s.get("test_accuracy"))),
         ("top-1 agreement with teacher (%)", lambda s: _pct(s.get("agreement_with_teacher"))),
         ("expected calibration error, 15 bins (%)", lambda s: _pct(s.get("ece"))),
+    ]
+    if data.task == "regression":
+        quality = [
+            ("test RMSE (target units)", lambda s: _num(s.get("test_rmse"))),
+            ("test MAE (target units)", lambda s: _num(s.get("test_mae"))),
+            ("test R²", lambda s: _num(s.get("test_r2"))),
+            ("RMSE to the teacher's predictions", lambda s: _num(s.get("rmse_to_teacher"))),
+        ]
+    measures = [
+        *quality,
         ("parameters", lambda s: _count(s.get("params"))),
         ("MACs per sample", lambda s: _count(s.get("macs"))),
         ("size on disk (model file)", lambda s: _bytes(s.get("size_bytes"))),
@@ -430,7 +464,9 @@ def _document(run: Run, base: Run | None, data: DataBundle, models: list[_Model]
         f"All models are evaluated on this run's test split ({len(data.test):,} samples).",
         "MACs are counted with torch.utils.flop_counter.FlopCounterMode on one sample (MACs = FLOPs / 2; "
         "matrix products and convolutions only, element-wise operations are not counted).",
-        "Expected calibration error: top-1 confidence in 15 equal-width bins (Guo et al. 2017).",
+        "Expected calibration error: top-1 confidence in 15 equal-width bins (Guo et al. 2017)." if data.task != "regression"
+        else "Regression: RMSE, MAE and R² in the targets' own units, averaged over targets with equal weight "
+             "(as scikit-learn does); RMSE to the teacher compares the two models' predictions.",
     ]
     if timed is not None:
         how.append(f"Latency: median of up to {timing['repeats']} single-sample calls after {timed['warmup']} warm-up calls; "
@@ -450,14 +486,24 @@ def _document(run: Run, base: Run | None, data: DataBundle, models: list[_Model]
                                      teacher_accuracy=t.get("test_accuracy"),
                                      test_accuracy=student.stats["test_accuracy"], title=run.name)
         doc.add(Image(path, "Each named loss term and the summed train loss per epoch (left); validation accuracy "
-                            "per epoch with the teacher's test accuracy as the dashed reference (right)."))
-        if not any(finite(r.get("val_accuracy")) is not None for r in run.metrics):
+                            "per epoch with the teacher's test accuracy as the dashed reference (right)."
+                      if data.task != "regression" else "Each named loss term and the summed train loss per epoch."))
+        last = next((r for r in reversed(run.metrics) if finite(r.get("val_rmse")) is not None), None)
+        if data.task == "regression":
+            doc.add(Paragraph("Regression: there is no accuracy (right panel); " + (
+                f"the last validation RMSE is {_num(last['val_rmse'])} and R² {_num(last.get('val_r2'))} "
+                f"(epoch {last.get('epoch')}; every epoch's val_rmse / val_r2 are in metrics.jsonl)."
+                if last else "no validation RMSE was recorded.")))
+        elif not any(finite(r.get("val_accuracy")) is not None for r in run.metrics):
             doc.add(Paragraph("No validation accuracy was recorded (data.val_fraction: 0 or eval_every larger than the epochs)."))
     else:
         doc.add(Paragraph("metrics.jsonl is missing or empty: no learning curves."))
 
     # ---- per class
     names = data.class_names
+    if data.task == "regression":
+        _per_output(doc, data, [m for m in (teacher, scratch, student) if m is not None])
+        return _pareto_section(doc, run, pareto, out_plots)
     if student.stats["confusion"] is not None:
         doc.add(Heading("Per-class accuracy"))
         path = plots.confusion(student.stats["confusion"], names, out_plots / "confusion.png",
@@ -492,7 +538,21 @@ def _document(run: Run, base: Run | None, data: DataBundle, models: list[_Model]
                                       title=f"per-class accuracy: {run.name} minus {base.name}")
         doc.add(Image(path, "Per-class test accuracy change of the distilled student vs the same student trained from scratch."))
 
-    # ---- Pareto view
+    return _pareto_section(doc, run, pareto, out_plots)
+
+
+def _per_output(doc: Document, data: DataBundle, models: list[_Model]) -> None:
+    """Regression: RMSE and R² of each target (output) per model, in the data's units."""
+    doc.add(Heading("Per-target error (regression)"))
+    doc.add(Paragraph(f"{data.num_classes} continuous target(s), standardised for training with the training split's "
+                      "mean and standard deviation; errors below are in the targets' own units."))
+    header = ["target"] + [f"{m.label} RMSE / R²" for m in models]
+    rows = [[name] + [f"{_num(m.stats['rmse_per_output'][i])} / {_num(m.stats['r2_per_output'][i])}" for m in models]
+            for i, name in enumerate(data.class_names)]
+    doc.add(Table(header, rows))
+
+
+def _pareto_section(doc: Document, run: Run, pareto, out_plots: Path) -> Document:
     if pareto is not None:
         points, xlabel = pareto
         doc.add(Heading(f"Runs in {run.dir.parent}: accuracy vs cost"))

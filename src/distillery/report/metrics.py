@@ -119,6 +119,32 @@ def multilabel_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     }
 
 
+def regression_metrics(pred: torch.Tensor, target: torch.Tensor, mean: torch.Tensor | None = None,
+                       std: torch.Tensor | None = None) -> dict[str, Any]:
+    """RMSE, MAE and R^2 of predictions ``(N, K)`` against targets ``(N, K)``, in the data's own
+    units: when the targets were standardised, ``mean``/``std`` (per output) map both back first.
+    Multi-output values are averaged over outputs with equal weight, as scikit-learn's
+    ``root_mean_squared_error`` / ``mean_absolute_error`` / ``r2_score`` do by default; the
+    per-output RMSE and R^2 are returned too.  R^2 of a constant target is NaN (undefined)."""
+    p, y = pred.to(torch.float64), target.to(torch.float64)
+    if p.dim() == 1:
+        p, y = p.unsqueeze(1), y.unsqueeze(1)
+    if std is not None:
+        p = p * std.to(torch.float64) + (0 if mean is None else mean.to(torch.float64))
+        y = y * std.to(torch.float64) + (0 if mean is None else mean.to(torch.float64))
+    err = p - y
+    rmse = err.pow(2).mean(0).sqrt()
+    total = (y - y.mean(0)).pow(2).sum(0)
+    r2 = torch.where(total > 0, 1 - err.pow(2).sum(0) / total.clamp_min(1e-300), torch.nan)
+    return {
+        "rmse": float(rmse.mean()),
+        "mae": float(err.abs().mean()),
+        "r2": float(r2.mean()),
+        "rmse_per_output": [float(v) for v in rmse],
+        "r2_per_output": [float(v) for v in r2],
+    }
+
+
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Counts ``cm[true, predicted]`` as an int64 ``(C, C)`` tensor."""
     predicted = logits.argmax(-1)
