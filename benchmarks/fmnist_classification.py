@@ -48,6 +48,7 @@ PARAMS = {
 
 # Methods whose setting is not "single-label student from this teacher": measured elsewhere.
 ELSEWHERE = {
+    "prototype_kd": "cross-task (teacher on classes 0-4, student on 5-9): benchmarks/results/cross_task.md",
     "hybrid_kd": "two teachers (CNN features + ViT relations): benchmarks/results/hybrid_kd.md",
     "mse": "regression only: benchmarks/results/regression_kd.md",
     "regression_kd": "regression only: benchmarks/results/regression_kd.md",
