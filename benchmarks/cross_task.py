@@ -117,7 +117,7 @@ def main() -> None:
         f"{args.subset:,} labelled training images (stratified), {args.epochs} epochs, batch 64, Adam 1e-3, "
         f"{args.seeds} seed(s); test accuracy on the 5,000 official test images of those classes.",
         "- Methods: `ce` = no teacher; `fitnets` = MSE hints on the deepest stage, feature_weight 100 (no logit "
-        f"term); `prototype_kd` = ProC-KD (Li, Wu, Han & Tian 2022) with its defaults: "
+        "term); `prototype_kd` = ProC-KD (Li, Wu, Han & Tian 2022) with its defaults: "
         + ", ".join(f"{k} {v}" for k, v in pkd.items() if v is not None) + ". Logit KD methods are not run: the "
         "teacher's logits name other classes.",
         "",
