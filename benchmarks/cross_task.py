@@ -21,7 +21,6 @@ Finished runs whose config is unchanged are reused.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from distillery.config import config_from_dict, dump_config, load_config
+from distillery.config import config_from_dict
 from distillery.engine import fit
+from distillery.engine.checkpoint import finished_summary
 from distillery.methods import get_spec
 
 HERE = Path(__file__).resolve().parent
@@ -49,11 +49,8 @@ METHODS = {"ce": {}, "fitnets": {"feature_weight": 100.0}, "prototype_kd": {}}
 
 def _run(raw: dict, runs: Path) -> dict:
     cfg = config_from_dict({**raw, "output_dir": str(runs)})
-    done = cfg.run_dir / "summary.json"
-    # Reuse a finished run whose config (re-read with today's defaults for any newer fields) is the same.
-    if done.is_file() and dump_config(load_config(cfg.run_dir / "config.yaml")) == dump_config(cfg):
-        return json.loads(done.read_text())  # resume an interrupted benchmark without redoing runs
-    return fit(cfg, overwrite=True).summary
+    # A finished run of the same config is reused: an interrupted benchmark resumes where it stopped.
+    return finished_summary(cfg) or fit(cfg, overwrite=True).summary
 
 
 def main() -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from distillery.config import config_from_dict, dump_config, load_config
+from distillery.config import config_from_dict
 from distillery.engine import fit
+from distillery.engine.checkpoint import finished_summary
 from distillery.methods import available
 
 HERE = Path(__file__).resolve().parent
@@ -81,14 +82,9 @@ def _kind(pair: str) -> str:
 
 
 def _run(raw: dict, runs: Path) -> dict:
-    import json
-
     cfg = config_from_dict({**raw, "output_dir": str(runs)})
-    done = cfg.run_dir / "summary.json"
-    # Reuse a finished run whose config (re-read with today's defaults for any newer fields) is the same.
-    if done.is_file() and dump_config(load_config(cfg.run_dir / "config.yaml")) == dump_config(cfg):
-        return json.loads(done.read_text())  # resume an interrupted benchmark without redoing runs
-    return fit(cfg, overwrite=True).summary
+    # A finished run of the same config is reused: an interrupted benchmark resumes where it stopped.
+    return finished_summary(cfg) or fit(cfg, overwrite=True).summary
 
 
 def main() -> None:
@@ -104,6 +100,8 @@ def main() -> None:
                     help="for these pairs, report only runs already finished on disk (train nothing new)")
     ap.add_argument("--pairs", nargs="*", default=["same", "cross", "vit"], choices=["same", "cross", "vit"],
                     help="which teacher->student pairs to run (the table shows only these)")
+    ap.add_argument("--seed-major", action="store_true",
+                    help="run seed 0 of every method before seed 1 (a partial run then covers every row once)")
     args = ap.parse_args()
     if args.quick:
         args.seeds, args.epochs = 1, 5
@@ -123,30 +121,32 @@ def main() -> None:
     for pair, student in PAIRS.items():
         if _kind(pair) not in args.pairs:
             continue
-        for name, spec in methods.items():
+        todo = [(name, spec, seed) for name, spec in methods.items() for seed in range(args.seeds)]
+        if args.seed_major:
+            todo.sort(key=lambda t: t[2])
+        for name, spec, seed in todo:
             if name.endswith("_for_test") or name in ELSEWHERE or name in args.skip:
                 continue
             if name in NO_MLP and student["arch"] == "mlp":
                 continue  # attention maps / token graphs need a spatial or token student feature
             if pair in ONLY and name not in ONLY[pair]:
                 continue
-            for seed in range(args.seeds):
-                raw = {"name": f"{student['arch']}-{name}-s{seed}", "data": data, "student": student,
-                       "method": {"name": name, "params": PARAMS.get(name, {})}, "train": {**train, "seed": seed}}
-                if spec.needs_teacher:
-                    raw["teacher"] = {"run": teacher_dir}
-                if _kind(pair) in args.finished_only:
-                    cfg = config_from_dict({**raw, "output_dir": str(args.runs)})
-                    if not (cfg.run_dir / "summary.json").is_file():
-                        unrun.add(f"{name} ({pair.split(' (')[0]})")
-                        continue
-                print(f"[{time.perf_counter() - t0:6.0f}s] {pair}: {name} seed {seed}", flush=True)
-                if name == "selfdistill":  # round 0 on labels (ce), then rounds of selfdistill
-                    raw.pop("teacher", None)
-                    raw["method"] = {"name": "ce"}
-                    results.setdefault((pair, name), []).append(_rounds(raw, args.runs))
-                else:
-                    results.setdefault((pair, name), []).append(_run(raw, args.runs))
+            raw = {"name": f"{student['arch']}-{name}-s{seed}", "data": data, "student": student,
+                   "method": {"name": name, "params": PARAMS.get(name, {})}, "train": {**train, "seed": seed}}
+            if spec.needs_teacher:
+                raw["teacher"] = {"run": teacher_dir}
+            if _kind(pair) in args.finished_only:
+                cfg = config_from_dict({**raw, "output_dir": str(args.runs)})
+                if not (cfg.run_dir / "summary.json").is_file():
+                    unrun.add(f"{name} ({pair.split(' (')[0]})")
+                    continue
+            print(f"[{time.perf_counter() - t0:6.0f}s] {pair}: {name} seed {seed}", flush=True)
+            if name == "selfdistill":  # round 0 on labels (ce), then rounds of selfdistill
+                raw.pop("teacher", None)
+                raw["method"] = {"name": "ce"}
+                results.setdefault((pair, name), []).append(_rounds(raw, args.runs))
+            else:
+                results.setdefault((pair, name), []).append(_run(raw, args.runs))
 
     def ms(vals):
         return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -197,7 +197,7 @@ def main() -> None:
             dkd = "—" if name in ("ce", "kd") or kd_mean is None else f"{100 * (m - kd_mean):+.2f}"
             if name not in ("ce", "kd") and kd_mean is not None and m <= kd_mean:
                 not_better.append(f"{name} ({pair.split(' (')[0]})")
-            lines.append(f"| {pair} | {label} | {'yes' if spec.needs_teacher else 'no'} | {100 * m:.2f} ± {100 * s:.2f} | "
+            lines.append(f"| {pair} | {label} | {'yes' if spec.needs_teacher else 'no'} | {100 * m:.2f} ± {100 * s:.2f}{f' (n={len(runs)} of {args.seeds})' if len(runs) < args.seeds else ''} | "
                          f"{delta} | {dkd} | {epoch_t:.2f} | {runs[0]['params']:,} |")
     lines += ["", "Rows with a negative Δ are methods that did not beat training from scratch (or plain KD) in this regime "
               "and budget; they are reported as measured, not tuned away. Differences smaller than the seed std are noise.",

@@ -12,7 +12,6 @@ benchmarks/results/fmnist_multilabel.md; every number comes from this script.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from distillery.config import config_from_dict, dump_config, load_config
+from distillery.config import config_from_dict
 from distillery.engine import fit
+from distillery.engine.checkpoint import finished_summary
 
 HERE = Path(__file__).resolve().parent
 METHODS = {"ce": {}, "mlkd": {"temperature": 2.0, "alpha": 0.9}, "dml": {}}
@@ -31,11 +31,8 @@ METHODS = {"ce": {}, "mlkd": {"temperature": 2.0, "alpha": 0.9}, "dml": {}}
 
 def _run(raw: dict, runs: Path) -> dict:
     cfg = config_from_dict({**raw, "output_dir": str(runs)})
-    done = cfg.run_dir / "summary.json"
-    # Reuse a finished run whose config (re-read with today's defaults for any newer fields) is the same.
-    if done.is_file() and dump_config(load_config(cfg.run_dir / "config.yaml")) == dump_config(cfg):
-        return json.loads(done.read_text())
-    return fit(cfg, overwrite=True).summary
+    # A finished run of the same config is reused: an interrupted benchmark resumes where it stopped.
+    return finished_summary(cfg) or fit(cfg, overwrite=True).summary
 
 
 def _ms(values: list[float]) -> str:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from distillery.config import config_from_dict, dump_config, load_config
+from distillery.config import config_from_dict
 from distillery.engine import fit
+from distillery.engine.checkpoint import finished_summary
 
 HERE = Path(__file__).resolve().parent
 # name -> (model spec, pretraining epochs); the weak teacher is small and briefly trained.
@@ -48,10 +49,8 @@ TRANSFER = {  # label -> method; both distil at T = 1 with no label term, so onl
 
 def _run(raw: dict, runs: Path) -> dict:
     cfg = config_from_dict({**raw, "output_dir": str(runs)})
-    done = cfg.run_dir / "summary.json"
-    if done.is_file() and dump_config(load_config(cfg.run_dir / "config.yaml")) == dump_config(cfg):
-        return json.loads(done.read_text())  # a finished run with the same config: reuse it
-    return fit(cfg, overwrite=True).summary
+    # A finished run of the same config is reused: an interrupted benchmark resumes where it stopped.
+    return finished_summary(cfg) or fit(cfg, overwrite=True).summary
 
 
 def _slug(name: str) -> str:

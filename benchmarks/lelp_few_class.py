@@ -14,7 +14,6 @@ every method.  Every number in the table comes from this script; rerun it rather
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,8 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from distillery.config import config_from_dict, dump_config, load_config
+from distillery.config import config_from_dict
 from distillery.engine import fit
+from distillery.engine.checkpoint import finished_summary
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -45,11 +45,8 @@ METHODS = {  # name -> params: kd as in benchmarks/fmnist_classification.py, lel
 
 def _run(raw: dict, runs: Path) -> dict:
     cfg = config_from_dict({**raw, "output_dir": str(runs)})
-    done = cfg.run_dir / "summary.json"
-    # A finished run with the same config is reused: an interrupted benchmark resumes where it stopped.
-    if done.is_file() and dump_config(load_config(cfg.run_dir / "config.yaml")) == dump_config(cfg):
-        return json.loads(done.read_text())
-    return fit(cfg, overwrite=True).summary
+    # A finished run of the same config is reused: an interrupted benchmark resumes where it stopped.
+    return finished_summary(cfg) or fit(cfg, overwrite=True).summary
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ Every number in the table comes from this script; rerun it rather than editing.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -34,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from distillery.config import config_from_dict, dump_config, load_config
+from distillery.config import config_from_dict
 from distillery.engine import fit
+from distillery.engine.checkpoint import finished_summary
 
 HERE = Path(__file__).resolve().parent
 TEACHER = {"arch": "vit_tiny", "kwargs": {"patch_size": 7, "dim": 64, "depth": 4, "heads": 4}}
@@ -51,11 +51,8 @@ ROWS = {  # label -> method
 
 def _run(raw: dict, runs: Path) -> dict:
     cfg = config_from_dict({**raw, "output_dir": str(runs)})
-    done = cfg.run_dir / "summary.json"
-    # A finished run with the same config is reused: an interrupted benchmark resumes where it stopped.
-    if done.is_file() and dump_config(load_config(cfg.run_dir / "config.yaml")) == dump_config(cfg):
-        return json.loads(done.read_text())
-    return fit(cfg, overwrite=True).summary
+    # A finished run of the same config is reused: an interrupted benchmark resumes where it stopped.
+    return finished_summary(cfg) or fit(cfg, overwrite=True).summary
 
 
 def _run_one_thread(raw: dict, runs: Path) -> dict:

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from distillery.config import config_from_dict, dump_config, load_config
+from distillery.config import config_from_dict
 from distillery.engine import fit
+from distillery.engine.checkpoint import finished_summary
 
 HERE = Path(__file__).resolve().parent
 SOURCES = {"tops": [0, 3], "shoes": [5, 7], "misc": [1, 8]}  # name -> Fashion-MNIST class ids
@@ -43,11 +44,8 @@ SOURCE_MODEL = {"arch": "cnn", "kwargs": {"width": 16}}
 
 def _run(raw: dict, runs: Path) -> tuple[dict, Path]:
     cfg = config_from_dict({**raw, "output_dir": str(runs)})
-    done = cfg.run_dir / "summary.json"
-    # A finished run with the same config is reused: an interrupted benchmark resumes where it stopped.
-    if done.is_file() and dump_config(load_config(cfg.run_dir / "config.yaml")) == dump_config(cfg):
-        return json.loads(done.read_text()), cfg.run_dir
-    return fit(cfg, overwrite=True).summary, cfg.run_dir
+    # A finished run of the same config is reused: an interrupted benchmark resumes where it stopped.
+    return finished_summary(cfg) or fit(cfg, overwrite=True).summary, cfg.run_dir
 
 
 def _logged(run_dir: Path) -> dict:

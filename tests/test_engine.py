@@ -196,3 +196,16 @@ def test_missing_tracker_package_is_one_message(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(DistilleryError, match="pip install mlflow"):
         fit(tiny_cfg(tmp_path, train={"epochs": 1, "progress": False, "track": ["mlflow"]}))
+
+
+def test_finished_summary_reuses_only_a_finished_run_of_the_same_config(tmp_path):
+    from distillery.engine.checkpoint import finished_summary
+
+    cfg = tiny_cfg(tmp_path, train={"epochs": 1, "progress": False, "report": False})
+    assert finished_summary(cfg) is None  # nothing on disk
+    summary = fit(cfg).summary
+    assert finished_summary(cfg) == json.loads(json.dumps(summary))
+    other = tiny_cfg(tmp_path, train={"epochs": 1, "progress": False, "report": False, "seed": 7})
+    assert finished_summary(other) is None  # same run directory, another config
+    (cfg.run_dir / "summary.json").unlink()  # an unfinished run is never reused
+    assert finished_summary(cfg) is None

@@ -73,3 +73,20 @@ def load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer) -> dict[s
         return json.loads((path / "state.json").read_text())
     except (OSError, SafetensorError, RuntimeError, ValueError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({err}); delete it to resume from the one before") from None
+
+
+def finished_summary(cfg) -> dict | None:
+    """The summary of a *finished* run of exactly this config, or None: ``summary.json`` exists and
+    the saved ``config.yaml`` (re-read with today's defaults for any newer fields) is the same.
+    Lets a sweep or a benchmark resume without retraining what is already done."""
+    from distillery.config import dump_config, load_config
+
+    done = cfg.run_dir / "summary.json"
+    saved = cfg.run_dir / "config.yaml"
+    if not (done.is_file() and saved.is_file()):
+        return None
+    try:
+        same = dump_config(load_config(saved)) == dump_config(cfg)
+    except Exception:  # a config from an incompatible version: not the same run
+        return None
+    return json.loads(done.read_text()) if same else None
