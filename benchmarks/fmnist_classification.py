@@ -165,7 +165,9 @@ def main() -> None:
         f"- Students: {args.subset:,} labelled training images (stratified subset), {args.epochs} epochs, batch 64, Adam lr 1e-3, "
         f"constant LR, no augmentation, {args.seeds} seed(s); teacher run online (not cached). Test = the official 10k test set.",
         "- Method parameters: registry defaults except " + ", ".join(f"{k}: {v}" for k, v in PARAMS.items()) + ".",
-        "- Epoch time = wall time of one training epoch of the student (teacher forward included).",
+        "- Epoch time = wall time of one training epoch of the student (teacher forward included), measured when the run "
+        "trained: runs already on disk with the same config are reused, not retrained (hence a short total wall time), "
+        "and runs trained while other jobs shared the CPU have inflated epoch times.",
         "- The ViT student (vit_tiny dim 64, depth 4, 4 heads, 4x4 patches) is run for the token-based methods and their "
         "comparisons only: " + ", ".join(sorted(ONLY["CNN w32 -> ViT tiny (cross family)"])) + ". "
         "Not run with the MLP student (need a spatial or token feature): " + ", ".join(sorted(NO_MLP)) + ".",
