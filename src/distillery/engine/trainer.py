@@ -28,7 +28,8 @@ from torch import nn
 from distillery import methods as method_registry
 from distillery.config import RunConfig, dump_config
 from distillery import cache
-from distillery.data import DataBundle, Split, load_data
+from distillery.data import DataBundle, load_data
+from distillery.engine.evaluate import _rows, evaluate
 from distillery.engine.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from distillery.engine.progress import ProgressBar
 from distillery.engine.teacher import CachedTeacher, OnlineTeacher, _seeded
@@ -51,17 +52,6 @@ class RunResult:
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _move(inputs, device):
-    if isinstance(inputs, dict):
-        return {k: v.to(device) for k, v in inputs.items()}
-    return inputs.to(device)
-
-
-def _rows(split: Split, index: torch.Tensor):
-    part = split.take(index)
-    return part.inputs, part.labels
 
 
 def _check_model_fits(model: nn.Module, data: DataBundle, role: str, check_classes: bool = True) -> None:
@@ -159,53 +149,6 @@ def _saved_num_classes(spec, data: DataBundle) -> int:
     except Exception:
         pass
     return data.num_classes
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, device, batch_size: int = 512) -> dict[str, float]:
-    """Top-1 accuracy and mean CE of ``model`` on a split (model put in eval mode, restored after).
-
-    Multi-label splits (float multi-hot labels): ``accuracy`` is the exact-match (subset)
-    accuracy, ``loss`` the mean binary cross-entropy per label, plus mAP and F1
-    (:func:`distillery.report.metrics.multilabel_metrics`).
-
-    Regression splits (standardised float targets, ``split.target_std`` set): ``accuracy`` is
-    ``None`` (there are no classes), ``loss`` the mean squared error in standardised units (what
-    training minimises), plus RMSE, MAE and R^2 in the data's own units
-    (:func:`distillery.report.metrics.regression_metrics`)."""
-    was_training = model.training
-    model.eval()
-    correct, loss, n = 0, 0.0, len(split)
-    regression = split.target_std is not None
-    multilabel = split.labels.dim() == 2 and not regression
-    all_logits = []
-    for start in range(0, n, batch_size):
-        x, y = _rows(split, torch.arange(start, min(start + batch_size, n)))
-        logits = forward_logits(model, _move(x, device)).float()
-        y = y.to(device)
-        if regression:
-            all_logits.append(logits.cpu())
-            loss += nn.functional.mse_loss(logits, y, reduction="sum").item() / y.shape[1]
-            continue
-        if multilabel:
-            all_logits.append(logits.cpu())
-            loss += nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / y.shape[1]
-            continue
-        correct += (logits.argmax(-1) == y).sum().item()
-        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-    model.train(was_training)
-    if regression:
-        from distillery.report.metrics import regression_metrics
-
-        preds = torch.cat(all_logits) if all_logits else torch.zeros(0, split.labels.shape[1])
-        return {"accuracy": None, "loss": loss / max(1, n),
-                **regression_metrics(preds, split.labels, split.target_mean, split.target_std)}
-    if multilabel:
-        from distillery.report.metrics import multilabel_metrics
-
-        m = multilabel_metrics(torch.cat(all_logits) if all_logits else torch.zeros(0, split.labels.shape[1]), split.labels)
-        return {"accuracy": m["subset_accuracy"], "loss": loss / max(1, n), **m}
-    return {"accuracy": correct / max(1, n), "loss": loss / max(1, n)}
 
 
 def _make_optimizer(cfg, params):
@@ -350,7 +293,7 @@ def fit(
     device = accelerator.device
 
     # ---- the teacher: a cache when asked for (then the model is never built), else online
-    store, teacher_acc, teacher_params, teacher_layers = None, None, None, None
+    store, teacher_acc, teacher_params, teacher_layers, teacher_eval = None, None, None, None, {}
     use_cache = spec.needs_teacher and cfg.teacher is not None and cfg.teacher.cache is not None and teacher is None
     if use_cache and not rebuild_cache:
         store = cache.try_open(cfg, data)  # raises, naming what changed, when stale
@@ -366,7 +309,8 @@ def fit(
         teacher.to(device)
         teacher_layers = list(getattr(teacher, "default_feature_layers", []) or [])
         if spec.teacher_same_classes:  # another label set: accuracy on these labels means nothing
-            teacher_acc = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)["accuracy"]
+            teacher_eval = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)
+            teacher_acc = teacher_eval["accuracy"]
         teacher_params = count_parameters(teacher)
 
     set_seed(tc.seed)  # the student's init must not depend on whether a teacher was built
@@ -565,9 +509,8 @@ def fit(
     if data.task == "regression":  # no classes: RMSE / MAE / R^2 (test_*) replace the accuracies
         for key in ("test_accuracy", "val_accuracy", "teacher_test_accuracy"):
             summary.pop(key, None)
-        if spec.needs_teacher and teacher is not None:
-            t = evaluate(teacher, data.test, device, cfg.data.eval_batch_size)
-            summary.update({"teacher_test_rmse": t["rmse"], "teacher_test_r2": t["r2"]})
+        if "rmse" in teacher_eval:  # the teacher's test evaluation at the start (not with a cache)
+            summary.update({"teacher_test_rmse": teacher_eval["rmse"], "teacher_test_r2": teacher_eval["r2"]})
     if main:
         from safetensors.torch import save_model
 

@@ -81,6 +81,8 @@ def default_pairs(student: nn.Module, teacher_layers: list[str] | None, n: int =
 
 AUTO_CKA = "auto-cka"
 CKA_PREFIX = "cka:"
+PAIRS_HELP = ("Layer pairs: a list, 'auto-cka' (from a CKA map made at the start), 'cka:PATH' (a `distillery inspect` "
+              "cka.csv); default: the deepest stage(s) of zoo models.")
 
 
 def check_pairs_text(value):

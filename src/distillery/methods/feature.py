@@ -11,7 +11,7 @@ from torch import nn
 from distillery.losses import features as FL
 from distillery.losses import logits as L
 from distillery.methods import register
-from distillery.methods.align import Align, check_pairs_text, resolve_pairs
+from distillery.methods.align import Align, PAIRS_HELP, check_pairs_text, resolve_pairs
 from distillery.methods.base import Method, ModelOutput, Params
 
 
@@ -21,10 +21,12 @@ class LayerPair(BaseModel):
     teacher: str = Field(description="Teacher module path.")
 
 
+# A ``pairs`` parameter: a list of pairs, or text read off a CKA map (``auto-cka`` / ``cka:PATH``).
+PairsField = Annotated[list[LayerPair] | str | None, AfterValidator(check_pairs_text)]
+
+
 class FeatureParams(Params):
-    pairs: Annotated[list[LayerPair] | str | None, AfterValidator(check_pairs_text)] = Field(
-        None, description="Layer pairs: a list, 'auto-cka' (from a CKA map made at the start), 'cka:PATH' "
-                          "(a `distillery inspect` cka.csv); default: the deepest stage(s) of zoo models.")
+    pairs: PairsField = Field(None, description=PAIRS_HELP)
     n_pairs: int = Field(1, ge=1, description="With automatic pairing: how many of the deepest stages to pair.")
     feature_weight: float = Field(100.0, ge=0, description="Weight of the feature loss.")
     ce_weight: float = Field(1.0, ge=0)

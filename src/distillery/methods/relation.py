@@ -8,17 +8,17 @@ sample by global average pooling (``embedding: pool``) or flattening (``embeddin
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
 from distillery.losses import logits as L
 from distillery.losses import relations as R
 from distillery.methods import register
-from distillery.methods.align import check_pairs_text, resolve_pairs
+from distillery.methods.align import PAIRS_HELP, resolve_pairs
 from distillery.methods.base import Method, Params
-from distillery.methods.feature import LayerPair
+from distillery.methods.feature import PairsField
 
 
 def embedding(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -32,9 +32,7 @@ def embedding(x: torch.Tensor, how: str) -> torch.Tensor:
 
 
 class RelationParams(Params):
-    pairs: Annotated[list[LayerPair] | str | None, AfterValidator(check_pairs_text)] = Field(
-        None, description="Layer pairs: a list, 'auto-cka' (from a CKA map made at the start), 'cka:PATH' "
-                          "(a `distillery inspect` cka.csv); default: the deepest stage(s) of zoo models.")
+    pairs: PairsField = Field(None, description=PAIRS_HELP)
     n_pairs: int = Field(1, ge=1, description="With automatic pairing: how many of the deepest stages to pair.")
     embedding: Literal["pool", "flatten"] = Field("pool", description="Features -> one vector per sample: pool over space/tokens, or flatten.")
     ce_weight: float = Field(1.0, ge=0)
